@@ -1,0 +1,180 @@
+"""The ``harness`` command line: parse flags, call one stage, print its result.
+
+No stage logic lives here. Each command is a pair: ``_add_<name>`` declares
+its flags, ``cmd_<name>`` builds the stage's settings, calls the stage's entry
+function and prints. Expected failures (:class:`HarnessError`) are caught once,
+in :func:`main`, and printed as one line; ``--traceback`` shows the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from harness import __version__
+from harness.errors import ExitStatus, HarnessError
+from harness.target import Target, TargetSettings, open_target, resolve_url, scrub
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPORTS_DIR = Path("reports")
+DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _common_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    parent.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of an error"
+    )
+    return parent
+
+
+def _target_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("target database")
+    group.add_argument(
+        "--db-url",
+        metavar="URL",
+        help="PostgreSQL URL of the target (else $SUPABASE_DB_URL, else $DATABASE_URL,"
+        " else an embedded PostgreSQL 18 in a per-user cache folder)",
+    )
+    group.add_argument(
+        "--fresh",
+        action="store_true",
+        help="embedded target only: throw away its data directory and start a new one",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="embedded target only: data directory (default: per-user cache, or $HARNESS_DATA_DIR)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting after this long (default: %(default)s)",
+    )
+    return parent
+
+
+def target_settings_from(args: argparse.Namespace) -> TargetSettings:
+    return TargetSettings(
+        db_url=args.db_url,
+        fresh=args.fresh,
+        connect_timeout=args.connect_timeout,
+        data_dir=args.data_dir,
+    )
+
+
+def _open(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
+    return open_target(target_settings_from(args), environ)
+
+
+# --------------------------------------------------------------------------
+# harness target
+
+
+def _add_target(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "target",
+        parents=parents,
+        help="show which database the harness would use, and check it",
+        description="Resolve the target (--db-url, $SUPABASE_DB_URL, $DATABASE_URL, else the"
+        " embedded server), connect once and check btree_gist is available.",
+    )
+    p.set_defaults(func=cmd_target)
+
+
+def cmd_target(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    target = _open(args, environ)
+    print(f"target:   {target.display}")
+    print(f"source:   {target.source}")
+    print(f"server:   PostgreSQL {target.server_version}")
+    print(f"prepared: {'off (transaction pooler)' if target.pooled else 'on'}")
+    return ExitStatus.SUCCESS
+
+
+# --------------------------------------------------------------------------
+# Parser and entry point
+
+# Each entry adds one sub-command; stages append theirs below.
+_COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentParser]], None]] = [
+    _add_target,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Staging dress rehearsal for the booking database's strict-constraints"
+        " rollout: provision, lint, migrate, load, validate, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parents = [_common_options(), _target_options()]
+    for add in _COMMANDS:
+        add(sub, parents)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one ``harness`` command; return its exit status (never raises)."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Whatever URL is in play is scrubbed from every error we print.
+    url, _ = resolve_url(getattr(args, "db_url", None), environ)
+    try:
+        return int(args.func(args, environ))
+    except HarnessError as exc:
+        if getattr(args, "traceback", False):
+            traceback.print_exc()
+        print(f"harness: error: {scrub(str(exc), url)}", file=sys.stderr)
+        return int(exc.exit_status)
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return int(ExitStatus.ERROR_CTRL_C)
+    except Exception as exc:  # a bug: still one line unless asked for more
+        if getattr(args, "traceback", False):
+            traceback.print_exc()
+        message = scrub(f"{type(exc).__name__}: {exc}", url)
+        print(
+            f"harness: internal error: {message} (rerun with --traceback and report it)",
+            file=sys.stderr,
+        )
+        return int(ExitStatus.ERROR)
