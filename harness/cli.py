@@ -9,16 +9,21 @@ in :func:`main`, and printed as one line; ``--traceback`` shows the rest.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import __version__
 from harness.errors import ExitStatus, HarnessError
 from harness.target import Target, TargetSettings, open_target, resolve_url, scrub
+
+if TYPE_CHECKING:
+    from harness.validate import ValidationResult
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +128,92 @@ def cmd_target(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStat
 
 
 # --------------------------------------------------------------------------
+# harness validate
+
+
+def _add_validate(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        parents=parents,
+        help="check the constraints, indexes and triggers of 001-004, integrity and invariants",
+        description="The runbook's validation as code: every object 001-004 promise is in the"
+        " catalog (validated or NOT VALID), integrity queries that rewrite no table, and the"
+        " invariants (no overlapping allocations or holds). Exit 1 when a check fails.",
+    )
+    p.add_argument(
+        "--validate-fks",
+        action="store_true",
+        help="first run VALIDATE CONSTRAINT on the expected foreign keys still NOT VALID",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        default="5s",
+        metavar="DURATION",
+        help="lock_timeout for --validate-fks (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.validate import ValidateSettings, validate
+
+    target = _open(args, environ)
+    result = validate(
+        target, ValidateSettings(validate_fks=args.validate_fks, lock_timeout=args.lock_timeout)
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(format_validation(result))
+    return ExitStatus.SUCCESS if result.ok else ExitStatus.CHECK_FAILED
+
+
+def format_validation(result: ValidationResult) -> str:
+    """The validation result as a plain-text table and summary lines."""
+    rows = [("", "object", "kind", "table", "state")]
+    for check in result.checks:
+        rows.append(
+            ("ok" if check.ok else "FAIL", check.name, check.kind, check.table, check.detail)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4]
+        for row in rows
+    ]
+    inv = result.invariants
+    lines.append("")
+    lines.append(
+        f"invariants: overlapping allocations {inv.overlapping_allocations},"
+        f" overlapping holds {inv.overlapping_holds}, orphan allocations"
+        f" {inv.orphan_allocations}, inventory of another restaurant"
+        f" {inv.inventory_other_restaurant}"
+    )
+    lines.append(
+        "integrity: " + ", ".join(f"{name} {count}" for name, count in result.integrity.items())
+    )
+    if result.quarantine:
+        lines.append(
+            "quarantined by 001: "
+            + ", ".join(f"{reason} {n}" for reason, n in result.quarantine.items())
+        )
+    for name in result.validated_fks:
+        lines.append(f"validated: {name}")
+    failed = len(result.failed_checks)
+    verdict = "PASS" if result.ok else f"FAIL ({failed} checks failed"
+    if not result.ok:
+        verdict += f", {inv.double_bookings} double bookings)"
+    lines.append(f"validation: {verdict}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
 _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentParser]], None]] = [
     _add_target,
+    _add_validate,
 ]
 
 
