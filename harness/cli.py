@@ -208,12 +208,60 @@ def format_validation(result: ValidationResult) -> str:
 
 
 # --------------------------------------------------------------------------
+# harness report
+
+
+def _add_report(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "report",
+        # common options only: the report reads files and never touches a database
+        parents=[_common_options()],
+        help="build the sign-off report (HTML, summary.json, junit.xml) of a run folder",
+        description="Read a run folder (samples, ledger, validation, invariants, manifest),"
+        " judge the gates and write report.html, summary.json, junit.xml and"
+        " error_mapping.json into it. Exit 0 when every gate passes, 1 when one fails,"
+        " 2 when the report could not be built.",
+    )
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the run folder, e.g. reports/latest"
+    )
+    p.add_argument(
+        "--gates",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of gate thresholds read over the defaults (see harness/gates.toml)",
+    )
+    p.add_argument("--no-charts", action="store_true", help="skip the charts (faster)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.report import ReportSettings, build_report
+
+    result = build_report(
+        ReportSettings(run_dir=args.run_dir, gates_file=args.gates, charts=not args.no_charts)
+    )
+    for gate in result.gates:
+        print(
+            f"{gate.status.upper():<12} {gate.name}: {gate.measured} (threshold {gate.threshold})"
+        )
+    for line in result.missing:
+        print(f"missing:     {line}")
+    print(f"verdict:     {result.verdict}")
+    print(f"report:      {result.report_html}")
+    print(f"summary:     {result.summary_json}")
+    print(f"junit:       {result.junit_xml}")
+    return result.exit_status
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
 _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentParser]], None]] = [
     _add_target,
     _add_validate,
+    _add_report,
 ]
 
 

@@ -1,0 +1,2093 @@
+"""Report stage: the sign-off page of a rehearsal, built from its run folder.
+
+Reporting is pure: the files the other stages left in the run folder (see
+:mod:`harness.rundir`) go in; DataFrames, one self-contained HTML page, a JSON
+summary, JUnit XML and the app's error mapping come out. No database is
+touched, so every part is testable on files a test writes itself.
+
+Entry point: :func:`build_report` (settings in, :class:`ReportResult` out). The
+nightly job reuses :func:`bootstrap_quantile_delta` to compare runs, and
+:func:`load_gates` to read the same gates file.
+
+Written into the run folder, each atomically:
+
+- ``report.html``: one page, charts embedded as base64 PNG, no network.
+- ``junit.xml``: one ``<testcase>`` per gate (a ``<failure>`` when it failed).
+- ``error_mapping.json``: the ``error_mapping`` list below, on its own.
+- ``summary.json``: every figure on the page. Its shape (``format_version`` 1)::
+
+    {
+      "format_version": 1,
+      "run_id": str | null, "generated_at": ISO time, "harness_version": str,
+      "verdict": "PASS" | "FAIL",
+      "gates": [{"name", "title", "status": "pass"|"fail"|"not_measured",
+                 "passed": bool, "threshold": str, "measured": str,
+                 "value": number | null, "detail": str}],
+      "missing": [str],                       # inputs absent, one line each
+      "run": {"run_id", "status", "failed_stage", "error", "started_at",
+              "finished_at", "duration_s", "target", "server_version",
+              "seed", "scale", "rows": {table: n}, "dirt": {reason: n},
+              "stages": [{"name", "status", "duration_s", "error"}]},
+      "phases": {phase: {"present": bool, "missing_reason": str | null,
+                         "mode", "users", "spawn_rate", "duration_s",
+                         "started_at", "ended_at", "requests",
+                         "throughput_rps"}},
+      "latency": {phase: {operation | "all": {"requests", "throughput_rps",
+                  "p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"}}},
+      "outcome_rates": {phase: {operation | "all": {outcome:
+                        {"count", "share", "per_s"}}}},     # share is 0..1
+      "comparison": {
+        "p95": {operation: {"pre_ms", "post_ms", "delta_ms", "delta_pct",
+                            "ci_low_ms", "ci_high_ms", "confidence",
+                            "noise": bool, "n_pre", "n_post"}},
+        "rates": {operation: {outcome: {"pre_share", "post_share",
+                  "delta_share", "pre_per_s", "post_per_s"}}}},
+      "integrity": {"invariants": {phase: {check: n} | null},
+                    "quarantine": [{"reason", "planted", "quarantined",
+                                    "match"}],
+                    "validation": {"ok", "checks": [...], "integrity": {...}}
+                                  | null,
+                    "rollback": {...} | null},
+      "error_mapping": [{"sqlstate", "outcome", "constraint", "operation",
+                         "count", "counts": {phase: n}, "http_status",
+                         "response", "retry"}],
+      "migrations": {file: {"sha256", "outcome", "duration_s",
+                            "started_at", "finished_at", "error"}},
+      "monitoring": [{"operation", "outcome", "sqlstate", "baseline_share",
+                      "baseline_per_minute", "alert_share",
+                      "alert_per_minute"}]
+    }
+
+  The nightly comparison reads ``latency[phase][operation]["p95_ms"]``,
+  ``outcome_rates[phase][operation][outcome]["share"]`` and
+  ``migrations[file]["duration_s"]``. Numbers that could not be measured are
+  ``null``, never NaN.
+
+Percentiles are exact (numpy's linear interpolation over every sample), not
+Locust's rounded histogram buckets.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.resources
+import io
+import logging
+import math
+import time
+import tomllib
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness import __version__
+from harness.errors import ConfigError, ExitStatus, SamplesError
+from harness.outcomes import OUTCOMES, Outcome, Phase
+from harness.rundir import (
+    ERROR_MAPPING_FILE,
+    JUNIT_FILE,
+    LEDGER_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    ROLLBACK_FILE,
+    RUN_FILE,
+    RUN_FORMAT_VERSION,
+    SUMMARY_FILE,
+    VALIDATION_FILE,
+    atomic_write_bytes,
+    invariants_file,
+    load_file,
+    read_json,
+    samples_file,
+    write_json,
+)
+from harness.samples import read_samples
+from harness.target import mask_url
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FORMAT_VERSION = 1
+
+OPERATIONS: tuple[str, ...] = (
+    "create_booking",
+    "update_booking",
+    "cancel_booking",
+    "place_hold",
+    "confirm_hold",
+    "release_hold",
+    "check_availability",
+)
+ALL = "all"
+PHASES: tuple[str, ...] = tuple(str(p) for p in Phase)
+INVARIANT_CHECKS: tuple[str, ...] = (
+    "overlapping_allocations",
+    "overlapping_holds",
+    "orphan_allocations",
+    "inventory_other_restaurant",
+)
+# The refusals the runbook watches: their rates are compared and monitored.
+WATCHED: tuple[tuple[Outcome, str], ...] = (
+    (Outcome.EXCLUSION_VIOLATION, "23P01"),
+    (Outcome.UNIQUE_VIOLATION, "23505"),
+)
+_OUTCOME_SQLSTATE: dict[str, str] = {
+    "ok": "",
+    "exclusion_violation": "23P01",
+    "unique_violation": "23505",
+    "foreign_key_violation": "23503",
+    "not_null_violation": "23502",
+    "check_violation": "23514",
+    "deadlock_detected": "40P01",
+    "serialization_failure": "40001",
+    "lock_not_available": "55P03",
+    "query_canceled": "57014",
+    "connection_error": "08xxx",
+}
+# Charts: roughly this many time buckets per phase.
+_TIME_BUCKETS = 60
+_CDF_POINTS = 400
+
+
+# --------------------------------------------------------------------------
+# Gates: the TOML file and its typed form
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoubleBookingGate:
+    enabled: bool
+    max_overlaps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectedObjectsGate:
+    enabled: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class P95RegressionGate:
+    enabled: bool
+    operations: tuple[str, ...]
+    max_increase_pct: float
+    max_increase_ms: float
+    min_requests: int
+    confidence: float
+    bootstrap_resamples: int
+    bootstrap_max_samples: int
+    bootstrap_seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnexpectedErrorsGate:
+    enabled: bool
+    max_share_pct: float
+    expected: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RollbackDrillGate:
+    enabled: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitoringSettings:
+    baseline_phase: str
+    spike_factor: float
+    min_share_pct: float
+    min_per_minute: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gates:
+    """The gates file, read over the packaged defaults (``harness/gates.toml``)."""
+
+    source: str
+    fail_when_not_measured: bool
+    double_booking: DoubleBookingGate
+    expected_objects: ExpectedObjectsGate
+    p95_regression: P95RegressionGate
+    unexpected_errors: UnexpectedErrorsGate
+    rollback_drill: RollbackDrillGate
+    monitoring: MonitoringSettings
+
+
+_SECTIONS: dict[str, type] = {
+    "double_booking": DoubleBookingGate,
+    "expected_objects": ExpectedObjectsGate,
+    "p95_regression": P95RegressionGate,
+    "unexpected_errors": UnexpectedErrorsGate,
+    "rollback_drill": RollbackDrillGate,
+    "monitoring": MonitoringSettings,
+}
+DEFAULT_GATES_NAME = "gates.toml"
+
+
+def default_gates_text() -> str:
+    """The packaged defaults, comments and all (``harness/gates.toml``)."""
+    return importlib.resources.files("harness").joinpath(DEFAULT_GATES_NAME).read_text()
+
+
+def load_gates(path: Path | None = None) -> Gates:
+    """Read ``path`` over the packaged defaults; ``None`` gives the defaults.
+
+    Unknown keys, wrong types and out-of-range values are a :class:`ConfigError`
+    naming the key and the file.
+    """
+    defaults = tomllib.loads(default_gates_text())
+    if path is None:
+        return _gates_from(defaults, source="defaults")
+    path = Path(path)
+    try:
+        override = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"gates file {path} not found", hint="give an existing file to --gates"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read gates file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"gates file {path} is not valid TOML: {exc}",
+            hint="see harness/gates.toml for the format",
+        ) from None
+    merged = _merge(defaults, override, source=str(path))
+    return _gates_from(merged, source=str(path))
+
+
+def _merge(
+    defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: str, prefix: str = ""
+) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            known = ", ".join(f"{prefix}{k}" for k in defaults)
+            raise ConfigError(
+                f"unknown gate setting {name!r} in {source}", hint=f"known settings: {known}"
+            )
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name!r} in {source} must be a table ([{name}])")
+            merged[key] = _merge(default, value, source=source, prefix=f"{name}.")
+        else:
+            _check_type(name, value, default, source)
+            merged[key] = value
+    return merged
+
+
+def _check_type(name: str, value: Any, default: Any, source: str) -> None:
+    # bool is an int in Python: check it first so `max_overlaps = true` is refused.
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        wanted = "a number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        wanted = "a list of strings"
+    else:  # pragma: no cover - the packaged defaults only hold the types above
+        ok, wanted = True, ""
+    if not ok:
+        raise ConfigError(
+            f"gate setting {name!r} in {source} must be {wanted}, got {value!r}",
+            hint="see harness/gates.toml for the defaults",
+        )
+
+
+def _gates_from(data: Mapping[str, Any], *, source: str) -> Gates:
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = dict(data[section])
+        for f in fields(cls):
+            if isinstance(values[f.name], list):
+                values[f.name] = tuple(values[f.name])
+        sections[section] = cls(**values)
+    gates = Gates(source=source, fail_when_not_measured=data["fail_when_not_measured"], **sections)
+    _check_ranges(gates)
+    return gates
+
+
+def _check_ranges(g: Gates) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"gate setting {name!r} in {g.source} {why}")
+
+    p = g.p95_regression
+    if g.double_booking.max_overlaps < 0:
+        raise bad("double_booking.max_overlaps", "must be 0 or more")
+    for op in p.operations:
+        if op not in OPERATIONS:
+            raise bad("p95_regression.operations", f"names unknown operation {op!r}")
+    for name in ("max_increase_pct", "max_increase_ms"):
+        if getattr(p, name) < 0:
+            raise bad(f"p95_regression.{name}", "must be 0 or more")
+    if p.min_requests < 2:
+        raise bad("p95_regression.min_requests", "must be at least 2")
+    if not 0 < p.confidence < 1:
+        raise bad("p95_regression.confidence", "must be between 0 and 1, e.g. 0.95")
+    if p.bootstrap_resamples < 100:
+        raise bad("p95_regression.bootstrap_resamples", "must be at least 100")
+    if p.bootstrap_max_samples < 100:
+        raise bad("p95_regression.bootstrap_max_samples", "must be at least 100")
+    u = g.unexpected_errors
+    if not 0 <= u.max_share_pct <= 100:
+        raise bad("unexpected_errors.max_share_pct", "must be between 0 and 100")
+    known = {str(o) for o in OUTCOMES}
+    for name in u.expected:
+        if name not in known:
+            raise bad("unexpected_errors.expected", f"names unknown outcome {name!r}")
+    m = g.monitoring
+    if m.baseline_phase not in PHASES:
+        raise bad("monitoring.baseline_phase", f"must be one of {', '.join(PHASES)}")
+    for name in ("spike_factor", "min_share_pct", "min_per_minute"):
+        if getattr(m, name) < 0:
+            raise bad(f"monitoring.{name}", "must be 0 or more")
+
+
+# --------------------------------------------------------------------------
+# Settings and results
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSettings:
+    """What to report on; every field but ``run_dir`` has a default."""
+
+    run_dir: Path
+    # None: the packaged defaults (harness/gates.toml)
+    gates_file: Path | None = None
+    # charts cost most of the time; off only where nobody looks at the page
+    charts: bool = True
+
+
+class Verdict(StrEnum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+
+
+class GateStatus(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    NOT_MEASURED = "not_measured"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateResult:
+    name: str
+    title: str
+    status: GateStatus
+    threshold: str
+    measured: str
+    # the measured figure the threshold applies to, when there is one
+    value: float | None = None
+    detail: str = ""
+    # whether this gate's status counts against the verdict
+    passed: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "status": str(self.status),
+            "passed": self.passed,
+            "threshold": self.threshold,
+            "measured": self.measured,
+            "value": _clean(self.value),
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportResult:
+    verdict: Verdict
+    gates: tuple[GateResult, ...]
+    run_dir: Path
+    report_html: Path
+    summary_json: Path
+    junit_xml: Path
+    error_mapping_json: Path
+    missing: tuple[str, ...] = ()
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return ExitStatus.SUCCESS if self.verdict is Verdict.PASS else ExitStatus.CHECK_FAILED
+
+
+# --------------------------------------------------------------------------
+# Bootstrap confidence interval of a change in a quantile
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaCI:
+    """Change of a quantile from ``baseline`` to ``candidate`` with its CI."""
+
+    quantile: float
+    baseline: float
+    candidate: float
+    delta: float
+    low: float
+    high: float
+    confidence: float
+    n_baseline: int
+    n_candidate: int
+    resamples: int
+
+    @property
+    def delta_pct(self) -> float | None:
+        return None if self.baseline == 0 else 100.0 * self.delta / self.baseline
+
+    @property
+    def noise(self) -> bool:
+        """True when the interval contains zero: the data cannot tell a change."""
+        return self.low <= 0.0 <= self.high
+
+
+def bootstrap_quantile_delta(
+    baseline: Sequence[float] | np.ndarray,
+    candidate: Sequence[float] | np.ndarray,
+    *,
+    quantile: float = 0.95,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    max_samples: int = 10_000,
+    seed: int = 0,
+) -> DeltaCI:
+    """Bootstrap CI of ``quantile(candidate) - quantile(baseline)``.
+
+    The point estimate uses every value. For the interval each side is
+    resampled independently; a side larger than ``max_samples`` is first
+    subsampled without replacement and its bootstrap deviations are rescaled
+    by sqrt(m/n) (the m-out-of-n bootstrap: a sample quantile's spread shrinks
+    as 1/sqrt(n)), so a million samples cost as much as ``max_samples`` and
+    the interval keeps the width the full data would give. Deterministic for
+    a given ``seed``.
+    """
+    a = np.asarray(baseline, dtype=np.float64)
+    b = np.asarray(candidate, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("both samples need at least one value")
+    rng = np.random.default_rng(seed)
+    est_a, dev_a = _bootstrap_deviations(a, quantile, resamples, max_samples, rng)
+    est_b, dev_b = _bootstrap_deviations(b, quantile, resamples, max_samples, rng)
+    delta = est_b - est_a
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(dev_b - dev_a, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return DeltaCI(
+        quantile=quantile,
+        baseline=float(est_a),
+        candidate=float(est_b),
+        delta=float(delta),
+        low=float(delta + lo),
+        high=float(delta + hi),
+        confidence=confidence,
+        n_baseline=int(a.size),
+        n_candidate=int(b.size),
+        resamples=resamples,
+    )
+
+
+def _bootstrap_deviations(
+    values: np.ndarray, q: float, resamples: int, max_samples: int, rng: np.random.Generator
+) -> tuple[float, np.ndarray]:
+    """(quantile of ``values``, bootstrap deviations of it around its estimate)."""
+    n = values.size
+    estimate = float(np.quantile(values, q))
+    if n > max_samples:
+        sub = rng.choice(values, size=max_samples, replace=False)
+        scale = math.sqrt(max_samples / n)
+    else:
+        sub, scale = values, 1.0
+    m = sub.size
+    center = float(np.quantile(sub, q))
+    out = np.empty(resamples, dtype=np.float64)
+    # Resample in chunks of ~4M values so memory stays flat whatever the size.
+    chunk = max(1, 4_000_000 // m)
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        idx = rng.integers(0, m, size=(k, m))
+        out[start : start + k] = np.quantile(sub[idx], q, axis=1)
+    return estimate, (out - center) * scale
+
+
+# --------------------------------------------------------------------------
+# Reading the run folder
+
+
+@dataclass(kw_only=True)
+class _PhaseInput:
+    phase: str
+    samples: pd.DataFrame | None
+    load: dict[str, Any] | None
+    invariants: dict[str, Any] | None
+    missing_reason: str | None
+    duration_s: float | None
+
+
+@dataclass(kw_only=True)
+class _RunInput:
+    run_dir: Path
+    run: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    ledger: list[dict[str, Any]] | None
+    validation: dict[str, Any] | None
+    rollback: dict[str, Any] | None
+    phases: dict[str, _PhaseInput]
+    missing: list[str]
+
+    def present(self, phase: str) -> bool:
+        return self.phases[phase].samples is not None
+
+
+def _optional_json(path: Path, kind: type, missing: list[str], why: str) -> Any:
+    if not path.exists():
+        missing.append(f"{path.name}: not found ({why})")
+        return None
+    data = read_json(path)
+    if not isinstance(data, kind):
+        raise SamplesError(
+            f"{path} does not have the expected shape: expected a JSON "
+            f"{'object' if kind is dict else 'list'}, found {type(data).__name__}",
+            hint="the file was not written by this harness's stages; rerun that stage",
+        )
+    return data
+
+
+def _read_run(run_dir: Path) -> _RunInput:
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run folder {run_dir} does not exist",
+            hint="give a folder written by `harness rehearse`, e.g. reports/latest",
+        )
+    known = [RUN_FILE, MANIFEST_FILE, LEDGER_FILE, VALIDATION_FILE, ROLLBACK_FILE]
+    known += [f(p) for p in PHASES for f in (samples_file, load_file, invariants_file)]
+    if not any((run_dir / name).exists() for name in known):
+        raise ConfigError(
+            f"{run_dir} holds none of the files a rehearsal writes ({RUN_FILE},"
+            f" {samples_file('pre')}, ...)",
+            hint="give a run folder under reports/, e.g. reports/latest",
+        )
+    missing: list[str] = []
+    run = _optional_json(run_dir / RUN_FILE, dict, missing, "no run record")
+    if run is not None:
+        version = run.get("format_version")
+        if version != RUN_FORMAT_VERSION:
+            raise SamplesError(
+                f"{run_dir / RUN_FILE} has format_version {version!r}; this harness reads"
+                f" version {RUN_FORMAT_VERSION}",
+                hint="build the report with the harness version that wrote the run",
+            )
+    manifest = _optional_json(run_dir / MANIFEST_FILE, dict, missing, "provision did not run")
+    ledger = _optional_json(run_dir / LEDGER_FILE, list, missing, "migrate did not run")
+    validation = _optional_json(run_dir / VALIDATION_FILE, dict, missing, "validate did not run")
+    rollback = _optional_json(
+        run_dir / ROLLBACK_FILE, dict, missing, "the rollback drill did not run"
+    )
+    phases = {p: _read_phase(run_dir, p, missing) for p in PHASES}
+    return _RunInput(
+        run_dir=run_dir,
+        run=run,
+        manifest=manifest,
+        ledger=ledger,
+        validation=validation,
+        rollback=rollback,
+        phases=phases,
+        missing=missing,
+    )
+
+
+def _read_phase(run_dir: Path, phase: str, missing: list[str]) -> _PhaseInput:
+    # The online phase is optional: its absence is not worth a line.
+    quiet: list[str] = []
+    sink = quiet if phase == Phase.ONLINE else missing
+    load = _optional_json(run_dir / load_file(phase), dict, sink, f"the {phase} load did not run")
+    invariants = _optional_json(
+        run_dir / invariants_file(phase), dict, sink, f"invariants after {phase} not checked"
+    )
+    if invariants is not None and not isinstance(invariants.get("counts"), dict):
+        raise SamplesError(
+            f"{run_dir / invariants_file(phase)} has no 'counts' object",
+            hint="rerun the validate stage",
+        )
+    path = run_dir / samples_file(phase)
+    if not path.exists():
+        reason = f"{path.name} not found: the {phase} load did not run or did not finish"
+        sink.append(reason)
+        return _PhaseInput(
+            phase=phase,
+            samples=None,
+            load=load,
+            invariants=invariants,
+            missing_reason=reason,
+            duration_s=None,
+        )
+    frame = _prepare_samples(read_samples(path), path)
+    return _PhaseInput(
+        phase=phase,
+        samples=frame,
+        load=load,
+        invariants=invariants,
+        missing_reason=None,
+        duration_s=_phase_duration(frame, load),
+    )
+
+
+_SAMPLE_COLUMNS = ("ts", "operation", "outcome", "sqlstate", "constraint", "latency_ms")
+
+
+def _prepare_samples(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    absent = [c for c in _SAMPLE_COLUMNS if c not in frame.columns]
+    if absent:
+        raise SamplesError(
+            f"{path} lacks the column(s) {', '.join(absent)}",
+            hint="rerun the load stage with this harness version",
+        )
+    # Categories make every group-by below cheap; the rest of the columns are
+    # not needed by the report and are dropped to keep memory down.
+    return pd.DataFrame(
+        {
+            "ts": frame["ts"].to_numpy(dtype=np.float64, copy=False),
+            "operation": frame["operation"].astype("category"),
+            "outcome": frame["outcome"].astype("category"),
+            "sqlstate": frame["sqlstate"],
+            "constraint": frame["constraint"],
+            "latency_ms": frame["latency_ms"].to_numpy(dtype=np.float64, copy=False),
+        }
+    )
+
+
+def _phase_duration(frame: pd.DataFrame, load: Mapping[str, Any] | None) -> float | None:
+    """The phase's wall time: the load's own figure, else the span of its samples."""
+    if load is not None:
+        value = load.get("duration_s")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    if frame.empty:
+        return None
+    ts = frame["ts"].to_numpy()
+    span = float(ts.max() - ts.min())
+    return span if span > 0 else None
+
+
+# --------------------------------------------------------------------------
+# Figures: latency, outcomes, comparison
+
+
+def latency_table(frame: pd.DataFrame, duration_s: float | None) -> pd.DataFrame:
+    """Per operation (and ``all``): requests, throughput and exact percentiles."""
+    columns = ["requests", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="operation"))
+    grouped = frame.groupby("operation", observed=True, sort=True)["latency_ms"]
+    quantiles = grouped.quantile([0.5, 0.95, 0.99]).unstack()
+    table = pd.DataFrame(
+        {
+            "requests": grouped.size(),
+            "p50_ms": quantiles[0.5],
+            "p95_ms": quantiles[0.95],
+            "p99_ms": quantiles[0.99],
+            "max_ms": grouped.max(),
+            "mean_ms": grouped.mean(),
+        }
+    )
+    table.index = table.index.astype(str)
+    values = frame["latency_ms"].to_numpy()
+    p50, p95, p99 = np.quantile(values, [0.5, 0.95, 0.99])
+    table.loc[ALL] = [len(values), p50, p95, p99, values.max(), values.mean()]
+    table["requests"] = table["requests"].astype("int64")
+    table["throughput_rps"] = table["requests"] / duration_s if duration_s else np.nan
+    table.index.name = "operation"
+    return table[columns]
+
+
+def outcome_table(frame: pd.DataFrame, duration_s: float | None) -> pd.DataFrame:
+    """Long table: operation (and ``all``), outcome, count, share (0..1), per_s."""
+    columns = ["operation", "outcome", "count", "share", "per_s"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    counts = frame.groupby(["operation", "outcome"], observed=True).size()
+    counts = counts[counts > 0].rename("count").reset_index()
+    totals = frame.groupby("operation", observed=True).size()
+    all_counts = frame.groupby("outcome", observed=True).size()
+    all_counts = all_counts[all_counts > 0].rename("count").reset_index()
+    all_counts.insert(0, "operation", ALL)
+    table = pd.concat(
+        [counts.astype({"operation": str, "outcome": str}), all_counts.astype({"outcome": str})],
+        ignore_index=True,
+    )
+    totals_map = {str(k): int(v) for k, v in totals.items()}
+    totals_map[ALL] = len(frame)
+    table["count"] = table["count"].astype("int64")
+    table["share"] = table["count"] / table["operation"].map(totals_map)
+    table["per_s"] = table["count"] / duration_s if duration_s else np.nan
+    return table[columns]
+
+
+def _p95_comparison(run: _RunInput, gate: P95RegressionGate) -> dict[str, DeltaCI | None]:
+    out: dict[str, DeltaCI | None] = {}
+    pre, post = run.phases[Phase.PRE].samples, run.phases[Phase.POST].samples
+    for op in gate.operations:
+        if pre is None or post is None:
+            out[op] = None
+            continue
+        a = pre.loc[pre["operation"] == op, "latency_ms"].to_numpy()
+        b = post.loc[post["operation"] == op, "latency_ms"].to_numpy()
+        if a.size < gate.min_requests or b.size < gate.min_requests:
+            out[op] = None
+            continue
+        out[op] = bootstrap_quantile_delta(
+            a,
+            b,
+            quantile=0.95,
+            confidence=gate.confidence,
+            resamples=gate.bootstrap_resamples,
+            max_samples=gate.bootstrap_max_samples,
+            seed=gate.bootstrap_seed,
+        )
+    return out
+
+
+def _rate_comparison(
+    outcomes: Mapping[str, pd.DataFrame], operations: Sequence[str]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    pre, post = outcomes.get(Phase.PRE), outcomes.get(Phase.POST)
+    result: dict[str, dict[str, dict[str, float | None]]] = {}
+    for op in [*operations, ALL]:
+        per_outcome: dict[str, dict[str, float | None]] = {}
+        for outcome, _state in WATCHED:
+            pre_share, pre_rate = _lookup_rate(pre, op, outcome)
+            post_share, post_rate = _lookup_rate(post, op, outcome)
+            delta = None if pre_share is None or post_share is None else post_share - pre_share
+            per_outcome[str(outcome)] = {
+                "pre_share": pre_share,
+                "post_share": post_share,
+                "delta_share": delta,
+                "pre_per_s": pre_rate,
+                "post_per_s": post_rate,
+            }
+        result[op] = per_outcome
+    return result
+
+
+def _lookup_rate(
+    table: pd.DataFrame | None, op: str, outcome: str
+) -> tuple[float | None, float | None]:
+    """(share, per second) of ``outcome`` for ``op``; zero when the op ran without it."""
+    if table is None:
+        return None, None
+    rows = table[table["operation"] == op]
+    if rows.empty:
+        return None, None
+    hit = rows[rows["outcome"] == outcome]
+    if hit.empty:
+        return 0.0, 0.0
+    return float(hit["share"].iloc[0]), _clean(float(hit["per_s"].iloc[0]))
+
+
+# --------------------------------------------------------------------------
+# What the app will see
+
+
+@dataclass(frozen=True)
+class AppResponse:
+    http_status: int
+    response: str
+    retry: bool
+
+
+def app_response(
+    outcome: str, sqlstate: str | None, constraint: str | None, operation: str
+) -> AppResponse:
+    """The response the app should map a database error to."""
+    if outcome == Outcome.EXCLUSION_VIOLATION:
+        what = "the table is held" if "hold" in operation else "the table is taken"
+        return AppResponse(409, f"409 Conflict: {what} for that time; offer another slot", False)
+    if outcome == Outcome.UNIQUE_VIOLATION:
+        if constraint and "idempotency" in constraint:
+            return AppResponse(
+                409,
+                "replay the original response for this idempotency key"
+                " (409 Conflict if the payload differs)",
+                False,
+            )
+        return AppResponse(409, "409 Conflict: the record already exists", False)
+    if outcome in (Outcome.DEADLOCK_DETECTED, Outcome.SERIALIZATION_FAILURE):
+        return AppResponse(
+            503,
+            "retry the whole transaction with jittered backoff; 503 after the last try",
+            True,
+        )
+    if outcome in (Outcome.LOCK_NOT_AVAILABLE, Outcome.QUERY_CANCELED):
+        return AppResponse(503, "503 Service Unavailable with Retry-After: retry later", True)
+    if outcome in (
+        Outcome.FOREIGN_KEY_VIOLATION,
+        Outcome.NOT_NULL_VIOLATION,
+        Outcome.CHECK_VIOLATION,
+    ):
+        return AppResponse(422, "422 Unprocessable Entity: reject the request as invalid", False)
+    if outcome == Outcome.CONNECTION_ERROR:
+        return AppResponse(503, "503 Service Unavailable: retry later (reconnect first)", True)
+    return AppResponse(500, "500: unmapped error, investigate before go-live", False)
+
+
+def error_mapping(phases: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """One row per (SQLSTATE, outcome, constraint, operation) seen in any phase."""
+    counted: list[pd.DataFrame] = []
+    for phase, frame in phases.items():
+        errors = frame[frame["outcome"] != Outcome.OK]
+        if errors.empty:
+            continue
+        keys = pd.DataFrame(
+            {
+                "sqlstate": errors["sqlstate"].astype(object).where(errors["sqlstate"].notna(), ""),
+                "outcome": errors["outcome"].astype(str),
+                "constraint": errors["constraint"]
+                .astype(object)
+                .where(errors["constraint"].notna(), ""),
+                "operation": errors["operation"].astype(str),
+            }
+        )
+        counts = keys.value_counts().rename("count").reset_index()
+        counts["phase"] = phase
+        counted.append(counts)
+    if not counted:
+        return []
+    long = pd.concat(counted, ignore_index=True)
+    wide = long.pivot_table(
+        index=["sqlstate", "outcome", "constraint", "operation"],
+        columns="phase",
+        values="count",
+        aggfunc="sum",
+        fill_value=0,
+    )
+    wide["_total"] = wide.sum(axis=1)
+    wide = wide.sort_values("_total", ascending=False, kind="stable")
+    rows: list[dict[str, Any]] = []
+    for (sqlstate, outcome, constraint, operation), row in wide.iterrows():
+        answer = app_response(outcome, sqlstate or None, constraint or None, operation)
+        rows.append(
+            {
+                "sqlstate": sqlstate or None,
+                "outcome": outcome,
+                "constraint": constraint or None,
+                "operation": operation,
+                "count": int(row["_total"]),
+                "counts": {p: int(row[p]) for p in PHASES if p in row.index},
+                "http_status": answer.http_status,
+                "response": answer.response,
+                "retry": answer.retry,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Gates
+
+
+def _finish(gate: GateResult, gates: Gates) -> GateResult:
+    counts = gate.status is GateStatus.FAIL or (
+        gate.status is GateStatus.NOT_MEASURED and gates.fail_when_not_measured
+    )
+    return GateResult(**{**gate.__dict__, "passed": not counts})
+
+
+def _gate_double_booking(run: _RunInput, gates: Gates) -> GateResult:
+    cfg = gates.double_booking
+    threshold = f"overlaps <= {cfg.max_overlaps}"
+    title = "No double booking after migration"
+    seen: dict[str, int] = {}
+    for phase in (Phase.POST, Phase.ONLINE):
+        inv = run.phases[phase].invariants
+        if inv is None:
+            continue
+        counts = inv["counts"]
+        seen[phase] = int(counts.get("overlapping_allocations", 0) or 0) + int(
+            counts.get("overlapping_holds", 0) or 0
+        )
+    if Phase.POST not in seen:
+        return GateResult(
+            name="no_double_booking",
+            title=title,
+            status=GateStatus.NOT_MEASURED,
+            threshold=threshold,
+            measured="not measured",
+            detail=f"{invariants_file('post')} not found: invariants after the"
+            " post-migration load were not checked",
+        )
+    total = sum(seen.values())
+    detail = ", ".join(f"{n} after {p}" for p, n in seen.items())
+    return GateResult(
+        name="no_double_booking",
+        title=title,
+        status=GateStatus.PASS if total <= cfg.max_overlaps else GateStatus.FAIL,
+        threshold=threshold,
+        measured=f"{total} overlapping allocations/holds",
+        value=float(total),
+        detail=detail,
+    )
+
+
+def _gate_expected_objects(run: _RunInput) -> GateResult:
+    title = "Every expected object present"
+    if run.validation is None:
+        return GateResult(
+            name="expected_objects",
+            title=title,
+            status=GateStatus.NOT_MEASURED,
+            threshold="all checks ok",
+            measured="not measured",
+            detail=f"{VALIDATION_FILE} not found: validate did not run",
+        )
+    checks = _checks(run)
+    failing = [c for c in checks if not c.get("ok")]
+    ok = bool(run.validation.get("ok")) and not failing
+    names = ", ".join(str(c.get("name")) for c in failing[:10])
+    return GateResult(
+        name="expected_objects",
+        title=title,
+        status=GateStatus.PASS if ok else GateStatus.FAIL,
+        threshold="all checks ok",
+        measured=f"{len(checks) - len(failing)} of {len(checks)} checks ok",
+        value=float(len(failing)),
+        detail=f"failing: {names}" if failing else "",
+    )
+
+
+def _checks(run: _RunInput) -> list[dict[str, Any]]:
+    checks = (run.validation or {}).get("checks", [])
+    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
+        raise SamplesError(
+            f"{run.run_dir / VALIDATION_FILE}: 'checks' must be a list of objects",
+            hint="rerun the validate stage",
+        )
+    return checks
+
+
+def _gate_p95(op: str, ci: DeltaCI | None, run: _RunInput, gates: Gates) -> GateResult:
+    cfg = gates.p95_regression
+    name = f"p95_regression[{op}]"
+    title = f"p95 of {op} within limit"
+    threshold = (
+        f"+{cfg.max_increase_pct:g}% or +{cfg.max_increase_ms:g} ms, whichever is larger,"
+        f" unless the {cfg.confidence:.0%} CI contains 0"
+    )
+    if ci is None:
+        absent = [p for p in (Phase.PRE, Phase.POST) if not run.present(p)]
+        why = (
+            f"no {' or '.join(absent)} samples"
+            if absent
+            else f"fewer than {cfg.min_requests} {op} requests in a phase"
+        )
+        return GateResult(
+            name=name,
+            title=title,
+            status=GateStatus.NOT_MEASURED,
+            threshold=threshold,
+            measured="not measured",
+            detail=why,
+        )
+    allowed = max(ci.baseline * cfg.max_increase_pct / 100.0, cfg.max_increase_ms)
+    regressed = ci.delta > allowed and ci.low > 0.0
+    pct = ci.delta_pct
+    measured = (
+        f"{ci.baseline:.2f} -> {ci.candidate:.2f} ms ({ci.delta:+.2f} ms"
+        + (f", {pct:+.1f}%" if pct is not None else "")
+        + f"), CI [{ci.low:+.2f}, {ci.high:+.2f}] ms"
+    )
+    if regressed:
+        detail = f"grew by more than the allowed +{allowed:.2f} ms and the CI excludes 0"
+    elif ci.delta > allowed:
+        detail = f"above the allowed +{allowed:.2f} ms, but the CI contains 0: noise"
+    else:
+        detail = f"within the allowed +{allowed:.2f} ms"
+    return GateResult(
+        name=name,
+        title=title,
+        status=GateStatus.FAIL if regressed else GateStatus.PASS,
+        threshold=threshold,
+        measured=measured,
+        value=ci.delta,
+        detail=detail,
+    )
+
+
+def _gate_unexpected(run: _RunInput, gates: Gates) -> GateResult:
+    cfg = gates.unexpected_errors
+    title = "Unexpected errors after migration below limit"
+    threshold = f"<= {cfg.max_share_pct:g}% of post-migration requests"
+    post = run.phases[Phase.POST].samples
+    if post is None or post.empty:
+        return GateResult(
+            name="unexpected_errors",
+            title=title,
+            status=GateStatus.NOT_MEASURED,
+            threshold=threshold,
+            measured="not measured",
+            detail=run.phases[Phase.POST].missing_reason or "the post phase has no requests",
+        )
+    unexpected = ~post["outcome"].astype(str).isin(cfg.expected)
+    count = int(unexpected.sum())
+    share = 100.0 * count / len(post)
+    by_outcome = post.loc[unexpected, "outcome"].astype(str).value_counts()
+    detail = ", ".join(f"{k}: {int(v)}" for k, v in by_outcome.items())
+    return GateResult(
+        name="unexpected_errors",
+        title=title,
+        status=GateStatus.PASS if share <= cfg.max_share_pct else GateStatus.FAIL,
+        threshold=threshold,
+        measured=f"{share:.3f}% ({count} of {len(post)})",
+        value=share,
+        detail=detail,
+    )
+
+
+def _gate_rollback(run: _RunInput) -> GateResult:
+    title = "Rollback drill restores the baseline and re-applies"
+    threshold = "catalog equal, re-applied, re-validated"
+    rb = run.rollback
+    if rb is None:
+        return GateResult(
+            name="rollback_drill",
+            title=title,
+            status=GateStatus.NOT_MEASURED,
+            threshold=threshold,
+            measured="not measured",
+            detail=f"{ROLLBACK_FILE} not found",
+        )
+    ok = (
+        bool(rb.get("catalog_equal"))
+        and bool(rb.get("reapplied"))
+        and bool(rb.get("validation_ok"))
+    )
+    diffs = rb.get("differences") or []
+    return GateResult(
+        name="rollback_drill",
+        title=title,
+        status=GateStatus.PASS if ok else GateStatus.FAIL,
+        threshold=threshold,
+        measured=f"catalog_equal={rb.get('catalog_equal')}, reapplied={rb.get('reapplied')},"
+        f" validation_ok={rb.get('validation_ok')}",
+        value=float(len(diffs)),
+        detail="; ".join(str(d) for d in diffs[:10]),
+    )
+
+
+def _evaluate_gates(
+    run: _RunInput, gates: Gates, p95: Mapping[str, DeltaCI | None]
+) -> list[GateResult]:
+    results: list[GateResult] = []
+    if gates.double_booking.enabled:
+        results.append(_gate_double_booking(run, gates))
+    if gates.expected_objects.enabled:
+        results.append(_gate_expected_objects(run))
+    if gates.p95_regression.enabled:
+        results.extend(_gate_p95(op, p95.get(op), run, gates) for op in p95)
+    if gates.unexpected_errors.enabled:
+        results.append(_gate_unexpected(run, gates))
+    if gates.rollback_drill.enabled:
+        results.append(_gate_rollback(run))
+    return [_finish(g, gates) for g in results]
+
+
+# --------------------------------------------------------------------------
+# Monitoring hand-off
+
+
+def monitoring_thresholds(
+    outcomes: pd.DataFrame | None, settings: MonitoringSettings
+) -> list[dict[str, Any]]:
+    """Baseline rate of 23P01 and 23505 per operation and the alert levels it gives."""
+    if outcomes is None or outcomes.empty:
+        return []
+    rows: list[dict[str, Any]] = []
+    for op in [o for o in outcomes["operation"].unique() if o != ALL] + [ALL]:
+        for outcome, state in WATCHED:
+            share, per_s = _lookup_rate(outcomes, op, outcome)
+            share = share or 0.0
+            per_min = (per_s or 0.0) * 60.0
+            rows.append(
+                {
+                    "operation": op,
+                    "outcome": str(outcome),
+                    "sqlstate": state,
+                    "baseline_share": share,
+                    "baseline_per_minute": per_min if per_s is not None else None,
+                    "alert_share": max(
+                        share * settings.spike_factor, share + settings.min_share_pct / 100.0
+                    ),
+                    "alert_per_minute": max(
+                        per_min * settings.spike_factor, per_min + settings.min_per_minute
+                    )
+                    if per_s is not None
+                    else None,
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Charts (matplotlib, Agg, no pyplot global state)
+
+_PHASE_COLORS = {"pre": "#1f77b4", "post": "#d62728", "online": "#2ca02c"}
+
+
+def _outcome_colors() -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {str(o): cmap(i) for i, o in enumerate(OUTCOMES)}
+
+
+def _png(fig: Any) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _bucket(frame: pd.DataFrame) -> tuple[np.ndarray, float]:
+    ts = frame["ts"].to_numpy()
+    t0 = ts.min()
+    span = max(float(ts.max() - t0), 1e-9)
+    width = max(1.0, math.ceil(span / _TIME_BUCKETS))
+    return np.floor((ts - t0) / width).astype(np.int64), width
+
+
+def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
+    """(title, alt text, base64 PNG) for each chart; empty without samples."""
+    from matplotlib.figure import Figure
+
+    phases = {p: f for p, f in phases.items() if not f.empty}
+    if not phases:
+        return []
+    charts: list[tuple[str, str, str]] = []
+    ops = [op for op in OPERATIONS if any((f["operation"] == op).any() for f in phases.values())]
+    extra = sorted(
+        {str(o) for f in phases.values() for o in f["operation"].unique()} - set(OPERATIONS)
+    )
+    ops += extra
+    buckets = {p: _bucket(f) for p, f in phases.items()}
+
+    # 1. p95 over time per operation, every phase on the same axes.
+    cols = 2
+    rows = max(1, math.ceil(len(ops) / cols))
+    fig = Figure(figsize=(11, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, op in zip(axes, ops, strict=False):
+        for phase, frame in phases.items():
+            mask = (frame["operation"] == op).to_numpy()
+            if not mask.any():
+                continue
+            b, width = buckets[phase]
+            series = pd.Series(frame["latency_ms"].to_numpy()[mask]).groupby(b[mask]).quantile(0.95)
+            ax.plot(
+                series.index * width, series.to_numpy(), label=phase, color=_PHASE_COLORS.get(phase)
+            )
+        ax.set_title(op, fontsize=9)
+        ax.set_ylabel("p95 ms", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in axes[len(ops) :]:
+        ax.set_visible(False)
+    axes[0].figure.supxlabel("seconds since phase start", fontsize=8)
+    fig.tight_layout()
+    charts.append(
+        (
+            "p95 latency over time",
+            "p95 latency per operation over time, one line per phase",
+            _png(fig),
+        )
+    )
+
+    # 2. Outcome rates over time, stacked, one panel per phase.
+    colors = _outcome_colors()
+    fig = Figure(figsize=(11, 2.8 * len(phases)))
+    axes = fig.subplots(len(phases), 1, squeeze=False).ravel()
+    for ax, (phase, frame) in zip(axes, phases.items(), strict=True):
+        b, width = buckets[phase]
+        counts = (
+            pd.DataFrame({"b": b, "o": frame["outcome"].astype(str).to_numpy()})
+            .value_counts()
+            .unstack(fill_value=0)
+            .sort_index()
+        )
+        order = [str(o) for o in OUTCOMES if str(o) in counts.columns]
+        order += [c for c in counts.columns if c not in order]
+        rates = counts[order] / width
+        ax.stackplot(
+            rates.index * width,
+            rates.to_numpy().T,
+            labels=order,
+            colors=[colors.get(o, "#999999") for o in order],
+        )
+        ax.set_title(f"{phase}: requests per second by outcome", fontsize=9)
+        ax.set_ylabel("req/s", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1].set_xlabel("seconds since phase start", fontsize=8)
+    fig.tight_layout()
+    charts.append(
+        (
+            "Outcome rates over time",
+            "stacked requests per second by outcome over time, one panel per phase",
+            _png(fig),
+        )
+    )
+
+    # 3. Latency CDF, pre versus post, for each booking path and overall.
+    cdf_ops = [op for op in ("create_booking", "update_booking", "place_hold") if op in ops]
+    panels = [*cdf_ops, ALL]
+    fig = Figure(figsize=(11, 3.0 * math.ceil(len(panels) / 2)))
+    axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).ravel()
+    levels = np.linspace(0.0, 1.0, _CDF_POINTS)
+    for ax, op in zip(axes, panels, strict=False):
+        for phase, frame in phases.items():
+            values = frame["latency_ms"].to_numpy()
+            if op != ALL:
+                values = values[(frame["operation"] == op).to_numpy()]
+            if values.size == 0:
+                continue
+            ax.plot(
+                np.quantile(values, levels),
+                levels,
+                label=phase,
+                color=_PHASE_COLORS.get(phase),
+            )
+        ax.set_xscale("log")
+        ax.set_title(f"{op}: latency CDF", fontsize=9)
+        ax.set_xlabel("ms (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    charts.append(
+        ("Latency CDF, pre versus post", "cumulative latency distribution per phase", _png(fig))
+    )
+
+    # 4. Outcomes per operation: share of each non-ok outcome, bar per op x phase.
+    labels: list[str] = []
+    shares: list[dict[str, float]] = []
+    for op in ops:
+        for phase, frame in phases.items():
+            sub = frame.loc[frame["operation"] == op, "outcome"].astype(str)
+            if sub.empty:
+                continue
+            labels.append(f"{op} ({phase})")
+            shares.append((sub.value_counts(normalize=True) * 100.0).to_dict())
+    present = [str(o) for o in OUTCOMES if o != Outcome.OK and any(str(o) in s for s in shares)]
+    fig = Figure(figsize=(11, 0.32 * len(labels) + 1.5))
+    ax = fig.subplots()
+    left = np.zeros(len(labels))
+    for outcome in present:
+        widths = np.array([s.get(outcome, 0.0) for s in shares])
+        ax.barh(labels, widths, left=left, label=outcome, color=colors.get(outcome))
+        left += widths
+    ax.invert_yaxis()
+    ax.set_xlabel("% of the operation's requests that were not ok", fontsize=8)
+    ax.set_title("Outcomes other than ok, per operation and phase", fontsize=9)
+    ax.tick_params(labelsize=7)
+    if present:
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "every request was ok", transform=ax.transAxes, ha="center")
+    fig.tight_layout()
+    charts.append(
+        (
+            "Outcomes per operation",
+            "share of non-ok outcomes for each operation and phase",
+            _png(fig),
+        )
+    )
+    return charts
+
+
+# --------------------------------------------------------------------------
+# The build
+
+
+def build_report(settings: ReportSettings) -> ReportResult:
+    """Read the run folder, judge the gates, write the page, summary, JUnit and mapping."""
+    started = time.perf_counter()
+    gates = load_gates(settings.gates_file)
+    run_dir = Path(settings.run_dir)
+    run = _read_run(run_dir)
+    log.info("report: read %s (%s missing inputs)", run_dir, len(run.missing))
+
+    present = {p: run.phases[p].samples for p in PHASES if run.present(p)}
+    latency = {p: latency_table(f, run.phases[p].duration_s) for p, f in present.items()}
+    outcomes = {p: outcome_table(f, run.phases[p].duration_s) for p, f in present.items()}
+    p95 = _p95_comparison(run, gates.p95_regression)
+    ops_seen = [op for op in OPERATIONS if any(op in t.index for t in latency.values())]
+    rates = _rate_comparison(outcomes, ops_seen)
+    mapping = error_mapping(present)
+    monitoring = monitoring_thresholds(
+        outcomes.get(gates.monitoring.baseline_phase), gates.monitoring
+    )
+    gate_results = _evaluate_gates(run, gates, p95)
+    verdict = Verdict.PASS if all(g.passed for g in gate_results) else Verdict.FAIL
+    log.info("report: figures done in %.2fs", time.perf_counter() - started)
+
+    charts = _charts(present) if settings.charts else []
+    log.info("report: charts done in %.2fs", time.perf_counter() - started)
+
+    summary = _summary(
+        run, gates, verdict, gate_results, latency, outcomes, p95, rates, mapping, monitoring
+    )
+    paths = {
+        "html": run_dir / REPORT_FILE,
+        "summary": run_dir / SUMMARY_FILE,
+        "junit": run_dir / JUNIT_FILE,
+        "mapping": run_dir / ERROR_MAPPING_FILE,
+    }
+    page = _render_html(summary, run, latency, outcomes, charts)
+    atomic_write_bytes(paths["html"], page.encode("utf-8"))
+    write_json(paths["summary"], summary)
+    write_json(paths["mapping"], mapping)
+    atomic_write_bytes(paths["junit"], _junit(gate_results, summary, time.perf_counter() - started))
+    seconds = time.perf_counter() - started
+    log.info("report: %s written in %.2fs, verdict %s", paths["html"], seconds, verdict)
+    return ReportResult(
+        verdict=verdict,
+        gates=tuple(gate_results),
+        run_dir=run_dir,
+        report_html=paths["html"],
+        summary_json=paths["summary"],
+        junit_xml=paths["junit"],
+        error_mapping_json=paths["mapping"],
+        missing=tuple(run.missing),
+        seconds=seconds,
+        summary=summary,
+    )
+
+
+# --------------------------------------------------------------------------
+# summary.json
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _mask(value: Any) -> Any:
+    """Mask anything that looks like a URL or a password, at any depth."""
+    if isinstance(value, dict):
+        return {k: ("***" if "password" in str(k).lower() else _mask(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    if isinstance(value, str) and ("://" in value or "password" in value.lower()):
+        return mask_url(value)
+    return value
+
+
+def _run_facts(run: _RunInput) -> dict[str, Any]:
+    info = run.run or {}
+    target = info.get("target") or {}
+    manifest = run.manifest or {}
+    started, finished = _parse_time(info.get("started_at")), _parse_time(info.get("finished_at"))
+    stages = [
+        {
+            "name": s.get("name"),
+            "status": s.get("status"),
+            "duration_s": s.get("duration_s"),
+            "error": s.get("error"),
+        }
+        for s in info.get("stages") or []
+        if isinstance(s, dict)
+    ]
+    return _mask(
+        {
+            "run_id": info.get("run_id") or run.run_dir.name,
+            "status": info.get("status"),
+            "failed_stage": info.get("failed_stage"),
+            "error": info.get("error"),
+            "started_at": info.get("started_at"),
+            "finished_at": info.get("finished_at"),
+            "duration_s": (finished - started).total_seconds() if started and finished else None,
+            "target": target.get("display"),
+            "server_version": target.get("server_version"),
+            "seed": manifest.get("seed"),
+            "scale": manifest.get("scale"),
+            "rows": manifest.get("rows") or {},
+            "dirt": manifest.get("dirt") or {},
+            "settings": info.get("settings") or {},
+            "stages": stages,
+        }
+    )
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _phase_facts(run: _RunInput, latency: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase, data in run.phases.items():
+        load = data.load or {}
+        if data.samples is None and not load and phase == Phase.ONLINE:
+            continue
+        table = latency.get(phase)
+        total = table.loc[ALL] if table is not None and ALL in table.index else None
+        out[phase] = {
+            "present": data.samples is not None,
+            "missing_reason": data.missing_reason,
+            "mode": load.get("mode"),
+            "users": load.get("users"),
+            "spawn_rate": load.get("spawn_rate"),
+            "duration_s": data.duration_s,
+            "started_at": load.get("started_at"),
+            "ended_at": load.get("ended_at"),
+            "requests": int(total["requests"]) if total is not None else None,
+            "throughput_rps": float(total["throughput_rps"]) if total is not None else None,
+            "contention": load.get("contention"),
+        }
+    return out
+
+
+def _quarantine_rows(run: _RunInput) -> list[dict[str, Any]]:
+    planted = (run.manifest or {}).get("dirt") or {}
+    quarantined = (run.validation or {}).get("quarantine") or {}
+    if not isinstance(planted, dict) or not isinstance(quarantined, dict):
+        return []
+    rows = []
+    for reason in sorted(set(planted) | set(quarantined)):
+        p = planted.get(reason) if run.manifest is not None else None
+        q = quarantined.get(reason) if run.validation is not None else None
+        rows.append(
+            {
+                "reason": reason,
+                "planted": p,
+                "quarantined": q,
+                "match": None if p is None or q is None else int(p) == int(q),
+            }
+        )
+    return rows
+
+
+def _migrations(run: _RunInput) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for row in run.ledger or []:
+        if not isinstance(row, dict) or "file" not in row:
+            raise SamplesError(
+                f"{run.run_dir / LEDGER_FILE}: every entry needs a 'file'",
+                hint="rerun the migrate stage",
+            )
+        out[str(row["file"])] = {
+            "sha256": row.get("sha256"),
+            "outcome": row.get("outcome"),
+            "duration_s": row.get("duration_s"),
+            "started_at": row.get("started_at"),
+            "finished_at": row.get("finished_at"),
+            "error": row.get("error"),
+        }
+    return _mask(out)
+
+
+def _summary(
+    run: _RunInput,
+    gates: Gates,
+    verdict: Verdict,
+    gate_results: Sequence[GateResult],
+    latency: Mapping[str, pd.DataFrame],
+    outcomes: Mapping[str, pd.DataFrame],
+    p95: Mapping[str, DeltaCI | None],
+    rates: Mapping[str, Any],
+    mapping: list[dict[str, Any]],
+    monitoring: list[dict[str, Any]],
+) -> dict[str, Any]:
+    latency_json = {
+        phase: {op: row.to_dict() for op, row in table.iterrows()}
+        for phase, table in latency.items()
+    }
+    for table in latency_json.values():
+        for row in table.values():
+            row["requests"] = int(row["requests"])
+    outcome_json: dict[str, dict[str, dict[str, Any]]] = {}
+    for phase, table in outcomes.items():
+        per_op: dict[str, dict[str, Any]] = {}
+        for op, outcome, count, share, per_s in table.itertuples(index=False):
+            per_op.setdefault(op, {})[outcome] = {
+                "count": int(count),
+                "share": float(share),
+                "per_s": per_s,
+            }
+        outcome_json[phase] = per_op
+    p95_json = {
+        op: None
+        if ci is None
+        else {
+            "pre_ms": ci.baseline,
+            "post_ms": ci.candidate,
+            "delta_ms": ci.delta,
+            "delta_pct": ci.delta_pct,
+            "ci_low_ms": ci.low,
+            "ci_high_ms": ci.high,
+            "confidence": ci.confidence,
+            "noise": ci.noise,
+            "n_pre": ci.n_baseline,
+            "n_post": ci.n_candidate,
+        }
+        for op, ci in p95.items()
+    }
+    validation = None
+    if run.validation is not None:
+        validation = _mask(
+            {
+                "ok": run.validation.get("ok"),
+                "checks": _checks(run),
+                "integrity": run.validation.get("integrity") or {},
+            }
+        )
+    summary = {
+        "format_version": SUMMARY_FORMAT_VERSION,
+        "run_id": (run.run or {}).get("run_id") or run.run_dir.name,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "harness_version": __version__,
+        "verdict": str(verdict),
+        "gates_source": gates.source,
+        "gates": [g.as_dict() for g in gate_results],
+        "missing": list(run.missing),
+        "run": _run_facts(run),
+        "phases": _phase_facts(run, latency),
+        "latency": latency_json,
+        "outcome_rates": outcome_json,
+        "comparison": {"p95": p95_json, "rates": rates},
+        "integrity": {
+            "invariants": {
+                p: (d.invariants or {}).get("counts") if d.invariants is not None else None
+                for p, d in run.phases.items()
+            },
+            "quarantine": _quarantine_rows(run),
+            "validation": validation,
+            "rollback": _mask(run.rollback) if run.rollback is not None else None,
+        },
+        "error_mapping": mapping,
+        "migrations": _migrations(run),
+        "monitoring": monitoring,
+    }
+    return _clean(summary)
+
+
+# --------------------------------------------------------------------------
+# junit.xml
+
+
+def _junit(gates: Sequence[GateResult], summary: Mapping[str, Any], seconds: float) -> bytes:
+    failures = sum(1 for g in gates if not g.passed)
+    skipped = sum(1 for g in gates if g.passed and g.status is GateStatus.NOT_MEASURED)
+    suites = ET.Element("testsuites", name="harness report", tests=str(len(gates)))
+    suites.set("failures", str(failures))
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"sign-off gates ({summary.get('run_id')})",
+        tests=str(len(gates)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+        time=f"{seconds:.3f}",
+        timestamp=str(summary.get("generated_at")),
+    )
+    props = ET.SubElement(suite, "properties")
+    for key in ("run_id", "verdict", "gates_source"):
+        ET.SubElement(props, "property", name=key, value=str(summary.get(key)))
+    for gate in gates:
+        case = ET.SubElement(suite, "testcase", classname="harness.gates", name=gate.name, time="0")
+        text = f"{gate.title}\nthreshold: {gate.threshold}\nmeasured: {gate.measured}"
+        if gate.detail:
+            text += f"\n{gate.detail}"
+        if not gate.passed:
+            message = f"{gate.status}: {gate.measured} (threshold {gate.threshold})"
+            ET.SubElement(case, "failure", message=message, type=str(gate.status)).text = text
+        elif gate.status is GateStatus.NOT_MEASURED:
+            ET.SubElement(case, "skipped", message=gate.detail or "not measured")
+        else:
+            ET.SubElement(case, "system-out").text = text
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+# --------------------------------------------------------------------------
+# report.html
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;
+background:#f6f7f9}
+main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d5d9e0;
+padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
+.verdict{font-size:30px;font-weight:700;padding:10px 18px;border-radius:6px;display:inline-block;
+color:#fff}.verdict.PASS{background:#1a7f37}.verdict.FAIL{background:#cf222e}
+table{border-collapse:collapse;margin:6px 0 12px;background:#fff;font-size:13px}
+th,td{border:1px solid #d5d9e0;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f5}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
+.not_measured,.missing{color:#9a6700;font-weight:600}
+.note{color:#57606a}.chart{margin:8px 0 20px}.chart img{max-width:100%;border:1px solid #d5d9e0;
+background:#fff}nav a{margin-right:12px}code{font-size:12px}
+"""
+
+
+def _esc(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return html.escape(str(value))
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    if isinstance(value, float | np.floating):
+        return f"{float(value):,.{digits}f}"
+    return str(value)
+
+
+def _pct(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{100.0 * float(value):.{digits}f}%"
+
+
+def _frame_html(frame: pd.DataFrame, empty: str = "nothing to show") -> str:
+    if frame.empty:
+        return f'<p class="note">{_esc(empty)}</p>'
+    # None in an object column would print as "None": show a dash like NaN.
+    frame = frame.astype(object).where(frame.notna(), "—")
+    # escape=True: constraint names, error texts and table names come from the database.
+    return frame.to_html(index=False, escape=True, border=0, na_rep="—")
+
+
+def _kv(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{_esc(title)}</h2>{body}</section>'
+
+
+def _render_html(
+    summary: Mapping[str, Any],
+    run: _RunInput,
+    latency: Mapping[str, pd.DataFrame],
+    outcomes: Mapping[str, pd.DataFrame],
+    charts: Sequence[tuple[str, str, str]],
+) -> str:
+    verdict = summary["verdict"]
+    parts = [
+        _html_verdict(summary),
+        _html_run(summary),
+        _html_phases(summary, latency, outcomes),
+        _html_comparison(summary),
+        _html_integrity(summary, run),
+        _html_app(summary),
+        _html_migrations(summary),
+        _html_charts(charts, present=bool(latency)),
+        _html_monitoring(summary),
+    ]
+    nav = " ".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in [
+            ("verdict", "Verdict"),
+            ("run", "Run"),
+            ("phases", "Latency & outcomes"),
+            ("comparison", "Pre vs post"),
+            ("integrity", "Integrity"),
+            ("app", "What the app sees"),
+            ("migrations", "Migrations"),
+            ("charts", "Charts"),
+            ("monitoring", "Monitoring"),
+        ]
+    )
+    title = f"Rehearsal {summary['run_id']}: {verdict}"
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body><main>"
+        f"<h1>Strict-constraints rehearsal — {_esc(summary['run_id'])}</h1>"
+        f"<nav>{nav}</nav>"
+        + "".join(parts)
+        + f'<p class="note">Generated {_esc(summary["generated_at"])} by harness'
+        f" {_esc(summary['harness_version'])}; gates from {_esc(summary['gates_source'])}.</p>"
+        "</main></body></html>\n"
+    )
+
+
+def _html_verdict(summary: Mapping[str, Any]) -> str:
+    verdict = summary["verdict"]
+    body = f'<div class="verdict {verdict}" id="verdict-text">{verdict}</div>'
+    failed = [g for g in summary["gates"] if not g["passed"]]
+    body += f"<p>{len(summary['gates']) - len(failed)} of {len(summary['gates'])} gates passed.</p>"
+    # Built by hand (not to_html) to colour the status cell; every value is escaped.
+    head = "".join(f"<th>{h}</th>" for h in ("gate", "status", "threshold", "measured", "detail"))
+    rows = "".join(
+        f'<tr data-gate="{_esc(g["name"])}"><td>{_esc(g["title"])}</td>'
+        f'<td class="{_esc(g["status"])}">{_esc(g["status"].replace("_", " ").upper())}</td>'
+        f"<td>{_esc(g['threshold'])}</td><td>{_esc(g['measured'])}</td>"
+        f"<td>{_esc(g['detail'] or '')}</td></tr>"
+        for g in summary["gates"]
+    )
+    if summary["gates"]:
+        body += f'<table class="gates"><tr>{head}</tr>{rows}</table>'
+    else:
+        body += '<p class="note">no gate is enabled</p>'
+    if summary["missing"]:
+        items = "".join(f"<li>{_esc(m)}</li>" for m in summary["missing"])
+        body += f'<h3 class="missing">Missing inputs</h3><ul>{items}</ul>'
+    return _section("verdict", "Verdict", body)
+
+
+def _html_run(summary: Mapping[str, Any]) -> str:
+    r = summary["run"]
+    rows = [
+        ("run id", r["run_id"]),
+        ("status", r["status"] or "unknown (no run.json)"),
+        ("failed stage", r["failed_stage"]),
+        ("error", r["error"]),
+        ("target", r["target"]),
+        ("PostgreSQL", r["server_version"]),
+        ("started", r["started_at"]),
+        ("finished", r["finished_at"]),
+        ("duration", f"{r['duration_s']:.1f} s" if r["duration_s"] is not None else None),
+        ("seed", r["seed"]),
+        ("scale", r["scale"]),
+    ]
+    body = _kv([(k, v) for k, v in rows if v is not None or k in ("target", "PostgreSQL")])
+    phases = pd.DataFrame(
+        [
+            {
+                "phase": p,
+                "samples": "present" if f["present"] else f"MISSING — {f['missing_reason']}",
+                "mode": f["mode"],
+                "users": f["users"],
+                "spawn rate": f["spawn_rate"],
+                "duration s": _fmt(f["duration_s"], 1),
+                "requests": _fmt(f["requests"]),
+                "req/s": _fmt(f["throughput_rps"], 1),
+                "started": f["started_at"],
+                "ended": f["ended_at"],
+            }
+            for p, f in summary["phases"].items()
+        ]
+    )
+    body += "<h3>Phases</h3>" + _frame_html(phases)
+    migrations = pd.DataFrame(
+        [{"file": f, "sha256": m["sha256"]} for f, m in summary["migrations"].items()]
+    )
+    body += "<h3>Migration files</h3>" + _frame_html(migrations, "no ledger: migrate did not run")
+    if r["rows"]:
+        rows_df = pd.DataFrame([{"table": t, "rows": _fmt(n)} for t, n in r["rows"].items()])
+        body += "<h3>Snapshot rows</h3>" + _frame_html(rows_df)
+    if r["stages"]:
+        stages = pd.DataFrame(
+            [
+                {
+                    "stage": s["name"],
+                    "status": s["status"],
+                    "duration s": _fmt(s["duration_s"], 2),
+                    "error": s["error"],
+                }
+                for s in r["stages"]
+            ]
+        )
+        body += "<h3>Stages</h3>" + _frame_html(stages)
+    return _section("run", "The run", body)
+
+
+def _html_phases(
+    summary: Mapping[str, Any],
+    latency: Mapping[str, pd.DataFrame],
+    outcomes: Mapping[str, pd.DataFrame],
+) -> str:
+    if not latency:
+        return _section(
+            "phases", "Latency and outcomes", '<p class="missing">No samples in any phase.</p>'
+        )
+    body = '<p class="note">Percentiles are exact over every sample (linear interpolation).</p>'
+    rows = []
+    for phase, table in latency.items():
+        for op, r in table.iterrows():
+            rows.append(
+                {
+                    "phase": phase,
+                    "operation": op,
+                    "requests": _fmt(int(r["requests"])),
+                    "req/s": _fmt(r["throughput_rps"], 1),
+                    "p50 ms": _fmt(r["p50_ms"]),
+                    "p95 ms": _fmt(r["p95_ms"]),
+                    "p99 ms": _fmt(r["p99_ms"]),
+                    "max ms": _fmt(r["max_ms"]),
+                }
+            )
+    body += "<h3>Latency and throughput</h3>" + _frame_html(pd.DataFrame(rows))
+    for phase, data in summary["phases"].items():
+        if not data["present"]:
+            body += (
+                f'<p class="missing">{_esc(phase)}: not run — {_esc(data["missing_reason"])}</p>'
+            )
+    cells = []
+    for phase, table in outcomes.items():
+        for op, outcome, count, share, per_s in table.itertuples(index=False):
+            cells.append(
+                {
+                    "phase": phase,
+                    "operation": op,
+                    "outcome": outcome,
+                    "cell": f"{count:,} · {_pct(share)} · {_fmt(per_s)}/s",
+                }
+            )
+    if cells:
+        long = pd.DataFrame(cells)
+        order = [str(o) for o in OUTCOMES if str(o) in set(long["outcome"])]
+        order += sorted(set(long["outcome"]) - set(order))
+        wide = long.pivot(index=["phase", "operation"], columns="outcome", values="cell")
+        wide = wide.reindex(columns=order)
+        wide.columns.name = None
+        wide = wide.reset_index()
+        # pivot sorts alphabetically; keep the pipeline's order (pre, post, online)
+        rank = {p: i for i, p in enumerate(PHASES)}
+        wide = wide.sort_values("phase", key=lambda s: s.map(rank), kind="stable")
+        body += (
+            "<h3>Outcomes (count · share of the operation's requests · per second)</h3>"
+            + _frame_html(wide.fillna("—"))
+        )
+    return _section("phases", "Latency and outcomes per phase and operation", body)
+
+
+def _html_comparison(summary: Mapping[str, Any]) -> str:
+    comp = summary["comparison"]
+    rows = []
+    for op, c in comp["p95"].items():
+        if c is None:
+            rows.append(
+                {
+                    "operation": op,
+                    "pre p95 ms": "—",
+                    "post p95 ms": "—",
+                    "change": "not measured",
+                    "CI": "—",
+                    "reading": "not measured",
+                }
+            )
+            continue
+        reading = (
+            "noise (CI contains 0)" if c["noise"] else ("slower" if c["delta_ms"] > 0 else "faster")
+        )
+        pct = f" ({c['delta_pct']:+.1f}%)" if c["delta_pct"] is not None else ""
+        rows.append(
+            {
+                "operation": op,
+                "pre p95 ms": _fmt(c["pre_ms"]),
+                "post p95 ms": _fmt(c["post_ms"]),
+                "change": f"{c['delta_ms']:+.2f} ms{pct}",
+                f"{c['confidence']:.0%} CI": f"[{c['ci_low_ms']:+.2f}, {c['ci_high_ms']:+.2f}] ms",
+                "reading": reading,
+            }
+        )
+    body = "<h3>p95 latency of the booking paths</h3>" + _frame_html(
+        pd.DataFrame(rows), "p95 comparison disabled"
+    )
+    rate_rows = []
+    for op, per in comp["rates"].items():
+        for outcome, v in per.items():
+            rate_rows.append(
+                {
+                    "operation": op,
+                    "outcome": f"{outcome} ({_OUTCOME_SQLSTATE.get(outcome, '')})",
+                    "pre share": _pct(v["pre_share"], 3),
+                    "post share": _pct(v["post_share"], 3),
+                    "change": "—"
+                    if v["delta_share"] is None
+                    else f"{100 * v['delta_share']:+.3f} pp",
+                    "pre /s": _fmt(v["pre_per_s"], 3),
+                    "post /s": _fmt(v["post_per_s"], 3),
+                }
+            )
+    body += "<h3>23P01 and 23505 rates</h3>" + _frame_html(
+        pd.DataFrame(rate_rows), "no phase has samples"
+    )
+    return _section("comparison", "Pre versus post migration", body)
+
+
+def _html_integrity(summary: Mapping[str, Any], run: _RunInput) -> str:
+    integ = summary["integrity"]
+    inv_rows = []
+    checks = list(INVARIANT_CHECKS)
+    for counts in integ["invariants"].values():
+        for k in counts or {}:
+            if k not in checks:
+                checks.append(k)
+    for check in checks:
+        row = {"invariant": check}
+        for phase in PHASES:
+            counts = integ["invariants"].get(phase)
+            if phase == Phase.ONLINE and counts is None:
+                continue
+            row[phase] = "not checked" if counts is None else _fmt(counts.get(check))
+        inv_rows.append(row)
+    body = "<h3>Double bookings and orphans after each phase</h3>" + _frame_html(
+        pd.DataFrame(inv_rows)
+    )
+    q = pd.DataFrame(
+        [
+            {
+                "reason": r["reason"],
+                "planted (manifest)": _fmt(r["planted"]),
+                "quarantined by 001": _fmt(r["quarantined"]),
+                "match": "—" if r["match"] is None else ("yes" if r["match"] else "NO"),
+            }
+            for r in integ["quarantine"]
+        ]
+    )
+    body += "<h3>Quarantine against the snapshot's dirt</h3>" + _frame_html(
+        q, "no manifest dirt and no quarantine counts"
+    )
+    val = integ["validation"]
+    if val is None:
+        body += f'<p class="missing">{VALIDATION_FILE} not found: validate did not run.</p>'
+    else:
+        checks_df = pd.DataFrame(
+            [
+                {
+                    "object": c.get("name"),
+                    "kind": c.get("kind"),
+                    "table": c.get("table"),
+                    "present": _fmt(c.get("present")),
+                    "validated": "NOT VALID"
+                    if c.get("validated") is False
+                    else _fmt(c.get("validated")),
+                    "ok": "ok" if c.get("ok") else "FAIL",
+                    "detail": c.get("detail"),
+                }
+                for c in val["checks"]
+            ]
+        )
+        body += f"<h3>Validation ({'ok' if val['ok'] else 'FAILED'})</h3>" + _frame_html(
+            checks_df, "no checks recorded"
+        )
+        if val["integrity"]:
+            body += "<h3>Integrity queries</h3>" + _frame_html(
+                pd.DataFrame([{"query": k, "count": _fmt(v)} for k, v in val["integrity"].items()])
+            )
+    rb = integ["rollback"]
+    if rb is None:
+        body += '<h3>Rollback drill</h3><p class="missing">not run (no rollback.json)</p>'
+    else:
+        body += "<h3>Rollback drill</h3>" + _kv(
+            [
+                ("catalog equal to baseline", _fmt(rb.get("catalog_equal"))),
+                ("migrations re-applied", _fmt(rb.get("reapplied"))),
+                ("re-validated", _fmt(rb.get("validation_ok"))),
+            ]
+        )
+        diffs = rb.get("differences") or []
+        if diffs:
+            body += "<ul>" + "".join(f"<li>{_esc(d)}</li>" for d in diffs) + "</ul>"
+    return _section("integrity", "Integrity", body)
+
+
+def _html_app(summary: Mapping[str, Any]) -> str:
+    rows = []
+    for r in summary["error_mapping"]:
+        row = {
+            "SQLSTATE": r["sqlstate"],
+            "outcome": r["outcome"],
+            "constraint": r["constraint"],
+            "operation": r["operation"],
+        }
+        for phase in PHASES:
+            if phase in r["counts"]:
+                row[f"count {phase}"] = _fmt(r["counts"][phase])
+        row["app response"] = r["response"]
+        row["retry"] = "yes" if r["retry"] else "no"
+        rows.append(row)
+    body = f'<p class="note">Also in <code>{ERROR_MAPPING_FILE}</code>.</p>' + _frame_html(
+        pd.DataFrame(rows), "no request failed in any phase"
+    )
+    return _section("app", "What the app will see", body)
+
+
+def _html_migrations(summary: Mapping[str, Any]) -> str:
+    rows = [
+        {
+            "file": f,
+            "outcome": m["outcome"],
+            "duration s": _fmt(m["duration_s"], 3),
+            "started": m["started_at"],
+            "finished": m["finished_at"],
+            "error": m["error"],
+        }
+        for f, m in summary["migrations"].items()
+    ]
+    return _section(
+        "migrations",
+        "Migrations",
+        _frame_html(pd.DataFrame(rows), f"{LEDGER_FILE} not found: migrate did not run"),
+    )
+
+
+def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> str:
+    if not charts:
+        note = "charts were turned off" if present else "no samples to chart"
+        return _section("charts", "Charts", f'<p class="note">{note}</p>')
+    body = "".join(
+        f'<figure class="chart"><figcaption><h3>{_esc(title)}</h3></figcaption>'
+        f'<img class="chart-img" alt="{_esc(alt)}" src="data:image/png;base64,{png}"></figure>'
+        for title, alt, png in charts
+    )
+    return _section("charts", "Charts", body)
+
+
+def _html_monitoring(summary: Mapping[str, Any]) -> str:
+    rows = [
+        {
+            "operation": r["operation"],
+            "SQLSTATE": f"{r['sqlstate']} ({r['outcome']})",
+            "baseline share": _pct(r["baseline_share"], 3),
+            "baseline /min": _fmt(r["baseline_per_minute"]),
+            "alert when share >": _pct(r["alert_share"], 3),
+            "alert when /min >": _fmt(r["alert_per_minute"]),
+        }
+        for r in summary["monitoring"]
+    ]
+    body = (
+        '<p class="note">Baseline: the post-migration phase, the traffic the app makes with the'
+        " constraints on. Thresholds: max(baseline × spike factor, baseline + floor), see"
+        " gates.toml [monitoring].</p>"
+        + _frame_html(pd.DataFrame(rows), "no baseline: the baseline phase has no samples")
+    )
+    return _section("monitoring", "Monitoring hand-off", body)

@@ -1,0 +1,466 @@
+"""The report stage on run folders written by the test itself: no database needed."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from report_fixtures import (
+    DIRT,
+    POST_ERRORS,
+    START_TS,
+    standard_run,
+    synthetic_samples,
+    write_run,
+)
+
+from harness.cli import main
+from harness.errors import ConfigError, SamplesError
+from harness.report import (
+    ReportSettings,
+    Verdict,
+    bootstrap_quantile_delta,
+    build_report,
+    latency_table,
+    load_gates,
+    outcome_table,
+)
+from harness.rundir import RUN_FILE, read_json, samples_file
+
+
+def _report(run_dir: Path, gates: Path | None = None):
+    return build_report(ReportSettings(run_dir=run_dir, gates_file=gates, charts=False))
+
+
+def _strict_json(path: Path):
+    def refuse(name: str):
+        raise AssertionError(f"{path.name} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# --------------------------------------------------------------------------
+# Figures known by construction
+
+
+def _known_frame() -> pd.DataFrame:
+    """create_booking: latencies 1..1000 ms; place_hold: 10 x 5 ms; 10 s long."""
+    create = np.arange(1, 1001, dtype=np.float64)
+    hold = np.full(10, 5.0)
+    n = create.size + hold.size
+    outcome = ["ok"] * n
+    for i in range(50):  # 5% of the creates refused by the exclusion constraint
+        outcome[i] = "exclusion_violation"
+    for i in range(50, 60):  # 1% idempotency replays
+        outcome[i] = "unique_violation"
+    outcome[1000] = "deadlock_detected"  # one of the ten holds
+    return pd.DataFrame(
+        {
+            "ts": START_TS + np.linspace(0.0, 10.0, n),
+            "operation": pd.Categorical(["create_booking"] * 1000 + ["place_hold"] * 10),
+            "outcome": pd.Categorical(outcome),
+            "sqlstate": pd.array([None] * n, dtype="string"),
+            "constraint": pd.Categorical([None] * n),
+            "latency_ms": np.concatenate([create, hold]),
+        }
+    )
+
+
+def test_percentiles_are_exact_and_match_numpy() -> None:
+    frame = _known_frame()
+    table = latency_table(frame, duration_s=10.0)
+    create = table.loc["create_booking"]
+    # linear interpolation over 1..1000: rank (n-1)*q
+    assert create["p50_ms"] == pytest.approx(500.5)
+    assert create["p95_ms"] == pytest.approx(950.05)
+    assert create["p99_ms"] == pytest.approx(990.01)
+    assert create["max_ms"] == 1000.0
+    assert create["requests"] == 1000
+    assert create["throughput_rps"] == pytest.approx(100.0)
+    assert table.loc["place_hold", "p95_ms"] == 5.0
+    everything = frame["latency_ms"].to_numpy()
+    expected = np.quantile(everything, [0.5, 0.95, 0.99])
+    assert table.loc["all", ["p50_ms", "p95_ms", "p99_ms"]].tolist() == pytest.approx(expected)
+    assert table.loc["all", "requests"] == 1010
+
+
+def test_outcome_rates_known_by_construction() -> None:
+    table = outcome_table(_known_frame(), duration_s=10.0)
+    row = table.set_index(["operation", "outcome"])
+    assert row.loc[("create_booking", "exclusion_violation"), "count"] == 50
+    assert row.loc[("create_booking", "exclusion_violation"), "share"] == pytest.approx(0.05)
+    assert row.loc[("create_booking", "exclusion_violation"), "per_s"] == pytest.approx(5.0)
+    assert row.loc[("create_booking", "unique_violation"), "share"] == pytest.approx(0.01)
+    assert row.loc[("create_booking", "ok"), "count"] == 940
+    assert row.loc[("place_hold", "deadlock_detected"), "share"] == pytest.approx(0.1)
+    assert row.loc[("all", "ok"), "count"] == 1010 - 61
+    # shares of each operation add up to one
+    sums = table.groupby("operation")["share"].sum()
+    assert sums.tolist() == pytest.approx([1.0] * len(sums))
+
+
+def test_summary_figures_match_numpy_on_the_files(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run")
+    result = _report(run_dir)
+    summary = _strict_json(result.summary_json)
+    post = synthetic_samples(4000, phase="post", seed=2, errors=POST_ERRORS)
+    creates = post.loc[post["operation"] == "create_booking", "latency_ms"].to_numpy()
+    fig = summary["latency"]["post"]["create_booking"]
+    assert fig["requests"] == creates.size
+    assert fig["p95_ms"] == pytest.approx(np.quantile(creates, 0.95))
+    assert fig["p99_ms"] == pytest.approx(np.quantile(creates, 0.99))
+    assert fig["max_ms"] == pytest.approx(creates.max())
+    refused = int((post["outcome"] == "exclusion_violation").sum())
+    rate = summary["outcome_rates"]["post"]["all"]["exclusion_violation"]
+    assert rate["count"] == refused
+    assert rate["share"] == pytest.approx(refused / 4000)
+    # the nightly job's keys
+    assert summary["migrations"]["002_x.sql"]["duration_s"] == 1.0
+    assert set(summary["comparison"]["p95"]) == {"create_booking", "update_booking", "place_hold"}
+    assert summary["verdict"] == "PASS" == str(result.verdict)
+    mapping = _strict_json(result.error_mapping_json)
+    assert mapping == summary["error_mapping"]
+
+
+# --------------------------------------------------------------------------
+# Gates
+
+
+def _junit_cases(path: Path) -> dict[str, ET.Element]:
+    root = ET.parse(path).getroot()
+    return {case.get("name"): case for case in root.iter("testcase")}
+
+
+def test_healthy_run_passes_every_gate(tmp_path: Path) -> None:
+    result = _report(standard_run(tmp_path / "run"))
+    assert result.verdict is Verdict.PASS
+    assert all(g.status == "pass" for g in result.gates)
+    cases = _junit_cases(result.junit_xml)
+    assert set(cases) == {g.name for g in result.gates}
+    assert all(case.find("failure") is None for case in cases.values())
+    assert "PASS" in result.report_html.read_text()
+
+
+def test_p95_regression_fails_the_gate_and_junit_says_so(tmp_path: Path) -> None:
+    # every post latency three times the pre one: +200%, far beyond noise
+    run_dir = standard_run(tmp_path / "run", post_scale=3.0)
+    assert main(["report", str(run_dir), "--no-charts"]) == 1
+    summary = _strict_json(run_dir / "summary.json")
+    assert summary["verdict"] == "FAIL"
+    gates = {g["name"]: g for g in summary["gates"]}
+    create = gates["p95_regression[create_booking]"]
+    assert create["status"] == "fail" and not create["passed"]
+    assert summary["comparison"]["p95"]["create_booking"]["ci_low_ms"] > 0
+    cases = _junit_cases(run_dir / "junit.xml")
+    failure = cases["p95_regression[create_booking]"].find("failure")
+    assert failure is not None and "fail" in failure.get("message")
+    assert cases["no_double_booking"].find("failure") is None
+    root = ET.parse(run_dir / "junit.xml").getroot()
+    assert int(root.find("testsuite").get("failures")) >= 3
+    page = (run_dir / "report.html").read_text()
+    assert '<div class="verdict FAIL" id="verdict-text">FAIL</div>' in page
+
+
+def test_noise_is_not_read_as_a_regression(tmp_path: Path) -> None:
+    # a tiny sample: the change may be large but the interval straddles zero
+    samples = {
+        "pre": synthetic_samples(60, phase="pre", seed=5),
+        "post": synthetic_samples(60, phase="post", seed=6),
+    }
+    gates = tmp_path / "gates.toml"
+    gates.write_text(
+        "[p95_regression]\nmax_increase_pct = 0.0\nmax_increase_ms = 0.0\nmin_requests = 5\n"
+    )
+    result = _report(write_run(tmp_path / "run", samples=samples), gates)
+    p95 = {g.name: g for g in result.gates if g.name.startswith("p95")}
+    noisy = [g for g in p95.values() if "noise" in g.detail]
+    assert noisy, [g.detail for g in p95.values()]
+    assert all(g.status == "pass" for g in noisy)
+
+
+def test_double_booking_after_migration_fails(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", invariants={"post": {"overlapping_holds": 2}})
+    result = _report(run_dir)
+    gate = next(g for g in result.gates if g.name == "no_double_booking")
+    assert gate.status == "fail" and gate.value == 2
+    assert result.verdict is Verdict.FAIL
+    assert result.exit_status == 1
+
+
+def test_missing_object_fails_and_database_text_is_escaped(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", validation_ok=False)
+    result = _report(run_dir)
+    gate = next(g for g in result.gates if g.name == "expected_objects")
+    assert gate.status == "fail" and "allocations_no_overlap" in gate.detail
+    page = result.report_html.read_text()
+    assert "missing &lt;b&gt;allocations_no_overlap&lt;/b&gt;" in page
+    assert "<b>allocations_no_overlap</b>" not in page
+
+
+def test_unexpected_errors_gate_reads_the_toml_limit(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run")
+    gates = tmp_path / "gates.toml"
+    gates.write_text("[unexpected_errors]\nmax_share_pct = 0.0\n")
+    result = _report(run_dir, gates)
+    gate = next(g for g in result.gates if g.name == "unexpected_errors")
+    # POST_ERRORS plants deadlocks: unexpected, so a zero limit fails
+    assert gate.status == "fail" and "deadlock_detected" in gate.detail
+    assert _report(run_dir).verdict is Verdict.PASS
+
+
+def test_rollback_gate_is_off_by_default_and_can_be_enabled(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run")
+    assert "rollback_drill" not in {g.name for g in _report(run_dir).gates}
+    gates = tmp_path / "gates.toml"
+    gates.write_text("[rollback_drill]\nenabled = true\n")
+    (run_dir / "rollback.json").write_text(
+        json.dumps(
+            {
+                "catalog_equal": False,
+                "differences": ["index x"],
+                "reapplied": True,
+                "validation_ok": True,
+            }
+        )
+    )
+    gate = next(g for g in _report(run_dir, gates).gates if g.name == "rollback_drill")
+    assert gate.status == "fail" and "index x" in gate.detail
+
+
+# --------------------------------------------------------------------------
+# The gates file
+
+
+def test_default_gates_are_documented_values() -> None:
+    gates = load_gates()
+    assert gates.double_booking.max_overlaps == 0
+    assert gates.p95_regression.operations == ("create_booking", "update_booking", "place_hold")
+    assert gates.unexpected_errors.max_share_pct == 1.0
+    assert gates.fail_when_not_measured is True
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[p95_regression]\nmax_increse_pct = 10\n", ["p95_regression.max_increse_pct"]),
+        ("[nope]\nx = 1\n", ["'nope'"]),
+        ("[double_booking]\nmax_overlaps = true\n", ["double_booking.max_overlaps", "whole"]),
+        ("[unexpected_errors]\nmax_share_pct = '1%'\n", ["max_share_pct", "number"]),
+        ("[p95_regression]\noperations = ['create_booking', 'teleport']\n", ["teleport"]),
+        ("[p95_regression]\nconfidence = 1.5\n", ["p95_regression.confidence"]),
+        ("double_booking = 3\n", ["double_booking", "table"]),
+        ("[p95_regression\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_gates_file_is_a_config_error_naming_key_and_file(
+    tmp_path: Path, text: str, words: list[str]
+) -> None:
+    path = tmp_path / "my-gates.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_gates(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_cli_reports_a_bad_gates_file_in_one_line(tmp_path: Path, capsys) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    gates = tmp_path / "g.toml"
+    gates.write_text("[double_booking]\nmax_overlap = 1\n")
+    assert main(["report", str(run_dir), "--gates", str(gates)]) == 2
+    err = capsys.readouterr().err
+    assert "double_booking.max_overlap" in err and str(gates) in err
+    assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------
+# Bootstrap
+
+
+def test_bootstrap_same_distribution_is_noise_and_deterministic() -> None:
+    rng = np.random.default_rng(7)
+    a, b = rng.lognormal(1.0, 0.5, 5000), rng.lognormal(1.0, 0.5, 5000)
+    ci = bootstrap_quantile_delta(a, b, resamples=500, seed=3)
+    assert ci.noise and ci.low < ci.delta < ci.high
+    assert ci.delta == pytest.approx(np.quantile(b, 0.95) - np.quantile(a, 0.95))
+    assert bootstrap_quantile_delta(a, b, resamples=500, seed=3) == ci
+
+
+def test_bootstrap_detects_a_shift_and_covers_it() -> None:
+    rng = np.random.default_rng(8)
+    a = rng.normal(100.0, 10.0, 20_000)
+    b = rng.normal(110.0, 10.0, 20_000)
+    ci = bootstrap_quantile_delta(a, b, resamples=500, max_samples=2_000, seed=1)
+    assert not ci.noise and ci.low > 0
+    assert ci.low < 10.0 < ci.high
+    # subsampled (m-out-of-n, rescaled) against the full bootstrap: similar width
+    full = bootstrap_quantile_delta(a, b, resamples=500, max_samples=50_000, seed=1)
+    width, full_width = ci.high - ci.low, full.high - full.low
+    assert 0.6 < width / full_width < 1.6
+    # asymptotic standard error of the p95 difference of two normals
+    z = 1.6448536269514722
+    density = math.exp(-(z**2) / 2) / math.sqrt(2 * math.pi) / 10.0
+    se = math.sqrt(2 * 0.95 * 0.05 / 20_000) / density
+    assert 0.6 < full_width / (2 * 1.96 * se) < 1.6
+
+
+# --------------------------------------------------------------------------
+# Missing and broken inputs
+
+
+def test_missing_phase_is_marked_not_run(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run")
+    (run_dir / samples_file("pre")).unlink()
+    (run_dir / "load-pre.json").unlink()
+    result = _report(run_dir)
+    summary = _strict_json(result.summary_json)
+    assert summary["phases"]["pre"]["present"] is False
+    assert "samples-pre.parquet not found" in summary["phases"]["pre"]["missing_reason"]
+    assert summary["phases"]["post"]["present"] is True
+    p95 = [g for g in result.gates if g.name.startswith("p95")]
+    assert all(g.status == "not_measured" and "no pre samples" in g.detail for g in p95)
+    assert result.verdict is Verdict.FAIL  # cannot sign off on evidence nobody collected
+    page = result.report_html.read_text()
+    assert "pre: not run" in page and "samples-pre.parquet not found" in page
+    cases = _junit_cases(result.junit_xml)
+    assert cases["p95_regression[place_hold]"].find("failure") is not None
+
+
+def test_not_measured_can_be_tolerated(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run")
+    (run_dir / samples_file("pre")).unlink()
+    gates = tmp_path / "gates.toml"
+    gates.write_text("fail_when_not_measured = false\n")
+    result = _report(run_dir, gates)
+    assert result.verdict is Verdict.PASS
+    cases = _junit_cases(result.junit_xml)
+    assert cases["p95_regression[create_booking]"].find("skipped") is not None
+
+
+def test_only_some_files_present(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(standard_run(tmp_path / "full", n=300) / "validation.json", run_dir)
+    result = _report(run_dir)
+    summary = _strict_json(result.summary_json)
+    assert summary["latency"] == {} and summary["error_mapping"] == []
+    assert any("run.json" in m for m in summary["missing"])
+    assert "No samples in any phase" in result.report_html.read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_samples_file_is_one_line_naming_it(tmp_path: Path, damage: str, capsys) -> None:
+    run_dir = standard_run(tmp_path / "run", n=500)
+    path = run_dir / samples_file("post")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not parquet at all" * 10)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(SamplesError) as err:
+        _report(run_dir)
+    assert str(path) in str(err.value)
+    assert main(["report", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    assert str(path) in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_corrupt_json_and_other_format_version(tmp_path: Path, capsys) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    run = read_json(run_dir / RUN_FILE)
+    (run_dir / RUN_FILE).write_text(json.dumps({**run, "format_version": 99}))
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "format_version 99" in err and "run.json" in err
+    (run_dir / RUN_FILE).write_text(json.dumps(run))
+    (run_dir / "invariants-post.json").write_text('{"phase": "post", "cou')
+    assert main(["report", str(run_dir)]) == 2
+    assert "invariants-post.json" in capsys.readouterr().err
+
+
+def test_not_a_run_folder(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "none of the files" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_files_are_ignored(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": {"whatever": [1]}})
+    (run_dir / "notes.txt").write_text("hello")
+    assert _report(run_dir).summary_json.exists()
+
+
+# --------------------------------------------------------------------------
+# What the app will see, passwords, monitoring
+
+
+def test_error_mapping_suggests_the_app_response(tmp_path: Path) -> None:
+    result = _report(standard_run(tmp_path / "run"))
+    rows = _strict_json(result.error_mapping_json)
+    by_key = {(r["sqlstate"], r["operation"]): r for r in rows}
+    create = by_key[("23P01", "create_booking")]
+    assert create["http_status"] == 409 and "409 Conflict" in create["response"]
+    assert create["constraint"] == "allocations_no_overlap"
+    assert create["counts"]["post"] == create["count"] > 0
+    replay = by_key[("23505", "create_booking")]
+    assert "replay the original" in replay["response"]
+    deadlock = by_key[("40P01", "place_hold")]
+    assert deadlock["retry"] is True and deadlock["constraint"] is None
+    assert rows == sorted(rows, key=lambda r: -r["count"])
+
+
+def test_password_never_reaches_the_outputs(tmp_path: Path) -> None:
+    secret = "s3cr3t-Pa55"
+    run_dir = standard_run(
+        tmp_path / "run", n=300, target_display=f"postgresql://app:{secret}@db:5432/x"
+    )
+    run = read_json(run_dir / RUN_FILE)
+    run["settings"]["db_url"] = f"postgresql://app:{secret}@db:5432/x"
+    run["settings"]["password"] = secret
+    (run_dir / RUN_FILE).write_text(json.dumps(run))
+    result = _report(run_dir)
+    for path in (result.report_html, result.summary_json, result.junit_xml):
+        assert secret not in path.read_text(), path.name
+    assert "app:***@db" in result.report_html.read_text()
+
+
+def test_monitoring_thresholds_from_the_post_baseline(tmp_path: Path) -> None:
+    result = _report(standard_run(tmp_path / "run"))
+    summary = _strict_json(result.summary_json)
+    rows = {(r["operation"], r["sqlstate"]): r for r in summary["monitoring"]}
+    everything = rows[("all", "23P01")]
+    base = summary["outcome_rates"]["post"]["all"]["exclusion_violation"]
+    assert everything["baseline_share"] == pytest.approx(base["share"])
+    assert everything["alert_share"] == pytest.approx(max(base["share"] * 3, base["share"] + 0.005))
+    assert everything["baseline_per_minute"] == pytest.approx(base["per_s"] * 60)
+    assert everything["alert_per_minute"] == pytest.approx(
+        max(base["per_s"] * 180, base["per_s"] * 60 + 5)
+    )
+
+
+def test_quarantine_is_compared_with_the_manifest(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300, quarantine={**DIRT, "null_party_size": 1})
+    summary = _strict_json(_report(run_dir).summary_json)
+    rows = {r["reason"]: r for r in summary["integrity"]["quarantine"]}
+    assert rows["null_party_size"]["match"] is False
+    assert rows["overlapping_allocation"]["match"] is True
+
+
+def test_charts_are_embedded_png(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=2000)
+    result = build_report(ReportSettings(run_dir=run_dir))
+    page = result.report_html.read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "http://" not in page and "https://" not in page
