@@ -53,9 +53,11 @@ Written into the run folder, each atomically:
                          "response", "retry"}],
       "migrations": {file: {"sha256", "outcome", "duration_s",
                             "started_at", "finished_at", "error"}},
-      "monitoring": [{"operation", "outcome", "sqlstate", "baseline_share",
-                      "baseline_per_minute", "alert_share",
-                      "alert_per_minute"}]
+      "monitoring": {"baseline_phase", "spike_factor", "min_share_pct",
+                     "min_per_minute",
+                     "thresholds": [{"operation", "outcome", "sqlstate",
+                                     "baseline_share", "baseline_per_minute",
+                                     "alert_share", "alert_per_minute"}]}
     }
 
   The nightly comparison reads ``latency[phase][operation]["p95_ms"]``,
@@ -73,6 +75,7 @@ import base64
 import html
 import importlib.resources
 import io
+import json
 import logging
 import math
 import time
@@ -1112,7 +1115,9 @@ def monitoring_thresholds(
     if outcomes is None or outcomes.empty:
         return []
     rows: list[dict[str, Any]] = []
-    for op in [o for o in outcomes["operation"].unique() if o != ALL] + [ALL]:
+    seen = set(outcomes["operation"])
+    ops = [o for o in OPERATIONS if o in seen] + sorted(seen - set(OPERATIONS) - {ALL})
+    for op in [*ops, ALL]:
         for outcome, state in WATCHED:
             share, per_s = _lookup_rate(outcomes, op, outcome)
             share = share or 0.0
@@ -1302,7 +1307,7 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
     ax.set_title("Outcomes other than ok, per operation and phase", fontsize=9)
     ax.tick_params(labelsize=7)
     if present:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
         ax.text(0.5, 0.5, "every request was ok", transform=ax.transAxes, ha="center")
     fig.tight_layout()
@@ -1592,7 +1597,13 @@ def _summary(
         },
         "error_mapping": mapping,
         "migrations": _migrations(run),
-        "monitoring": monitoring,
+        "monitoring": {
+            "baseline_phase": gates.monitoring.baseline_phase,
+            "spike_factor": gates.monitoring.spike_factor,
+            "min_share_pct": gates.monitoring.min_share_pct,
+            "min_per_minute": gates.monitoring.min_per_minute,
+            "thresholds": monitoring,
+        },
     }
     return _clean(summary)
 
@@ -1661,6 +1672,13 @@ def _esc(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     return html.escape(str(value))
+
+
+def _esc_json(value: Any) -> str:
+    """A settings value as text (escaped later by to_html)."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    return "—" if value is None else str(value)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -1752,6 +1770,18 @@ def _html_verdict(summary: Mapping[str, Any]) -> str:
     body = f'<div class="verdict {verdict}" id="verdict-text">{verdict}</div>'
     failed = [g for g in summary["gates"] if not g["passed"]]
     body += f"<p>{len(summary['gates']) - len(failed)} of {len(summary['gates'])} gates passed.</p>"
+    run = summary["run"]
+    if run["status"] not in (None, "completed"):
+        # A run that stopped early can still pass the gates it reached: say so up front.
+        where = f" in stage {run['failed_stage']}" if run["failed_stage"] else ""
+        error = f": {run['error']}" if run["error"] else ""
+        state = {
+            "failed": "failed",
+            "interrupted": "was interrupted",
+            "running": "is still running",
+        }
+        said = state.get(run["status"], f"ended as {run['status']}")
+        body += f'<p class="fail">The run {_esc(said)}{_esc(where)}{_esc(error)}.</p>'
     # Built by hand (not to_html) to colour the status cell; every value is escaped.
     head = "".join(f"<th>{h}</th>" for h in ("gate", "status", "threshold", "measured", "detail"))
     rows = "".join(
@@ -1812,6 +1842,11 @@ def _html_run(summary: Mapping[str, Any]) -> str:
     if r["rows"]:
         rows_df = pd.DataFrame([{"table": t, "rows": _fmt(n)} for t, n in r["rows"].items()])
         body += "<h3>Snapshot rows</h3>" + _frame_html(rows_df)
+    if r["settings"]:
+        settings = pd.DataFrame(
+            [{"setting": k, "value": _esc_json(v)} for k, v in r["settings"].items()]
+        )
+        body += "<h3>Settings</h3>" + _frame_html(settings)
     if r["stages"]:
         stages = pd.DataFrame(
             [
@@ -2073,6 +2108,7 @@ def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> st
 
 
 def _html_monitoring(summary: Mapping[str, Any]) -> str:
+    mon = summary["monitoring"]
     rows = [
         {
             "operation": r["operation"],
@@ -2082,12 +2118,15 @@ def _html_monitoring(summary: Mapping[str, Any]) -> str:
             "alert when share >": _pct(r["alert_share"], 3),
             "alert when /min >": _fmt(r["alert_per_minute"]),
         }
-        for r in summary["monitoring"]
+        for r in mon["thresholds"]
     ]
     body = (
-        '<p class="note">Baseline: the post-migration phase, the traffic the app makes with the'
-        " constraints on. Thresholds: max(baseline × spike factor, baseline + floor), see"
-        " gates.toml [monitoring].</p>"
+        f'<p class="note">Baseline: the {_esc(mon["baseline_phase"])} phase'
+        f"{' (with the constraints on)' if mon['baseline_phase'] == Phase.POST else ''}."
+        f" Alert when the share of requests refused exceeds max(baseline ×"
+        f" {mon['spike_factor']:g}, baseline + {mon['min_share_pct']:g} pp), or refusals per"
+        f" minute exceed max(baseline × {mon['spike_factor']:g}, baseline +"
+        f" {mon['min_per_minute']:g}); set in the gates file, [monitoring].</p>"
         + _frame_html(pd.DataFrame(rows), "no baseline: the baseline phase has no samples")
     )
     return _section("monitoring", "Monitoring hand-off", body)

@@ -429,17 +429,20 @@ def test_password_never_reaches_the_outputs(tmp_path: Path) -> None:
     run = read_json(run_dir / RUN_FILE)
     run["settings"]["db_url"] = f"postgresql://app:{secret}@db:5432/x"
     run["settings"]["password"] = secret
+    run.update(status="failed", failed_stage="rollback", error="rollback_001_003.sql: <boom>")
     (run_dir / RUN_FILE).write_text(json.dumps(run))
     result = _report(run_dir)
     for path in (result.report_html, result.summary_json, result.junit_xml):
         assert secret not in path.read_text(), path.name
-    assert "app:***@db" in result.report_html.read_text()
+    page = result.report_html.read_text()
+    assert "app:***@db" in page
+    assert "The run failed in stage rollback: rollback_001_003.sql: &lt;boom&gt;." in page
 
 
 def test_monitoring_thresholds_from_the_post_baseline(tmp_path: Path) -> None:
     result = _report(standard_run(tmp_path / "run"))
     summary = _strict_json(result.summary_json)
-    rows = {(r["operation"], r["sqlstate"]): r for r in summary["monitoring"]}
+    rows = {(r["operation"], r["sqlstate"]): r for r in summary["monitoring"]["thresholds"]}
     everything = rows[("all", "23P01")]
     base = summary["outcome_rates"]["post"]["all"]["exclusion_violation"]
     assert everything["baseline_share"] == pytest.approx(base["share"])
