@@ -23,6 +23,7 @@ from harness.errors import ExitStatus, HarnessError
 from harness.target import Target, TargetSettings, open_target, resolve_url, scrub
 
 if TYPE_CHECKING:
+    from harness.migrate import MigrationEvent
     from harness.validate import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,150 @@ def cmd_report(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStat
 
 
 # --------------------------------------------------------------------------
+# harness migrate / harness rollback
+
+
+def _migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sql-dir",
+        type=Path,
+        default=DEFAULT_SQL_DIR,
+        metavar="DIR",
+        help="folder of NNN_name.sql files (default: the repository's sql/)",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        default="5s",
+        metavar="DURATION",
+        help="lock_timeout set for each file: give up instead of queueing writers behind"
+        " a lock (default: %(default)s)",
+    )
+    p.add_argument(
+        "--statement-timeout",
+        default="15min",
+        metavar="DURATION",
+        help="statement_timeout set for each file (default: %(default)s)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_migrate(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "migrate",
+        parents=parents,
+        help="apply 000_baseline.sql and 001..004 in order, with a ledger; safe to rerun",
+        description="Apply the numbered files of the sql folder in order (000_baseline.sql"
+        " first: on a database that has the schema it changes nothing), each in one"
+        " transaction with its ledger row, or statement by statement for files marked"
+        " '-- harness: no-transaction'. Applied files are skipped; a file changed since it"
+        " was applied is refused unless --force. The ledger is harness.migration_ledger."
+        " Exit 2 when a file fails (the ledger records it).",
+    )
+    _migration_options(p)
+    p.add_argument(
+        "--to",
+        metavar="FILE",
+        help="stop after this migration: a number (002) or a file name (default: all)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply again a file whose checksum changed since it was applied",
+    )
+    p.set_defaults(func=cmd_migrate)
+
+
+def _print_migration_event(event: MigrationEvent) -> None:
+    if event.kind == "start":
+        print(f"  start   {event.file} ({event.mode})", flush=True)
+    elif event.kind == "applied":
+        print(f"  applied {event.file} in {event.duration_s:.3f} s", flush=True)
+    elif event.kind == "skip":
+        print(f"  skipped {event.file} (applied already)", flush=True)
+    elif event.kind == "failed":
+        print(f"  FAILED {event.file} after {event.duration_s:.3f} s", flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.migrate import MigrateSettings, migrate
+
+    target = _open(args, environ)
+    settings = MigrateSettings(
+        sql_dir=args.sql_dir,
+        to=args.to,
+        lock_timeout=args.lock_timeout,
+        statement_timeout=args.statement_timeout,
+        dry_run=args.dry_run,
+        force=args.force,
+    )
+    if not args.json:
+        verb = "plan for" if args.dry_run else "migrating"
+        print(f"{verb} {target.display} from {args.sql_dir}", flush=True)
+    result = migrate(target, settings, on_event=None if args.json else _print_migration_event)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+    elif args.dry_run:
+        for step in result.planned:
+            print(f"  {step.action:<8}{step.file} ({step.mode})")
+        print("dry run: nothing was changed")
+    else:
+        print(
+            f"migrate: {len(result.applied)} applied, {len(result.skipped)} skipped"
+            f" in {result.duration_s:.2f} s"
+        )
+    return ExitStatus.SUCCESS
+
+
+def _add_rollback(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "rollback",
+        parents=parents,
+        help="apply rollback_001_003.sql in one transaction and mark 001..004 rolled back",
+        description="Apply the rollback file in one transaction together with its ledger"
+        " rows: the file's own, and 'rolled_back' for every applied migration from the"
+        " first it undoes on (001..004), so that `harness migrate` applies them again."
+        " Quarantined rows stay.",
+    )
+    _migration_options(p)
+    p.add_argument(
+        "--file",
+        default="rollback_001_003.sql",
+        metavar="NAME",
+        help="rollback file in the sql folder (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_rollback)
+
+
+def cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.migrate import RollbackSettings, rollback
+
+    target = _open(args, environ)
+    result = rollback(
+        target,
+        RollbackSettings(
+            sql_dir=args.sql_dir,
+            file=args.file,
+            lock_timeout=args.lock_timeout,
+            statement_timeout=args.statement_timeout,
+            dry_run=args.dry_run,
+        ),
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return ExitStatus.SUCCESS
+    undone = ", ".join(result.rolled_back) or "nothing (no applied migration it undoes)"
+    if result.dry_run:
+        print(f"would apply {result.file} on {target.display}")
+        print(f"would mark rolled back: {undone}")
+        print("dry run: nothing was changed")
+    else:
+        print(f"applied {result.file} on {target.display} in {result.duration_s:.3f} s")
+        print(f"rolled back: {undone}")
+    return ExitStatus.SUCCESS
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
@@ -262,6 +407,8 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_target,
     _add_validate,
     _add_report,
+    _add_migrate,
+    _add_rollback,
 ]
 
 
