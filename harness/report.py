@@ -906,6 +906,17 @@ def _finish(gate: GateResult, gates: Gates) -> GateResult:
     return GateResult(**{**gate.__dict__, "passed": not counts})
 
 
+def _not_measured(name: str, title: str, threshold: str, detail: str) -> GateResult:
+    return GateResult(
+        name=name,
+        title=title,
+        status=GateStatus.NOT_MEASURED,
+        threshold=threshold,
+        measured="not measured",
+        detail=detail,
+    )
+
+
 def _gate_double_booking(run: _RunInput, gates: Gates) -> GateResult:
     cfg = gates.double_booking
     threshold = f"overlaps <= {cfg.max_overlaps}"
@@ -920,13 +931,11 @@ def _gate_double_booking(run: _RunInput, gates: Gates) -> GateResult:
             counts.get("overlapping_holds", 0) or 0
         )
     if Phase.POST not in seen:
-        return GateResult(
-            name="no_double_booking",
-            title=title,
-            status=GateStatus.NOT_MEASURED,
-            threshold=threshold,
-            measured="not measured",
-            detail=f"{invariants_file('post')} not found: invariants after the"
+        return _not_measured(
+            "no_double_booking",
+            title,
+            threshold,
+            f"{invariants_file('post')} not found: invariants after the"
             " post-migration load were not checked",
         )
     total = sum(seen.values())
@@ -945,13 +954,11 @@ def _gate_double_booking(run: _RunInput, gates: Gates) -> GateResult:
 def _gate_expected_objects(run: _RunInput) -> GateResult:
     title = "Every expected object present"
     if run.validation is None:
-        return GateResult(
-            name="expected_objects",
-            title=title,
-            status=GateStatus.NOT_MEASURED,
-            threshold="all checks ok",
-            measured="not measured",
-            detail=f"{VALIDATION_FILE} not found: validate did not run",
+        return _not_measured(
+            "expected_objects",
+            title,
+            "all checks ok",
+            f"{VALIDATION_FILE} not found: validate did not run",
         )
     checks = _checks(run)
     failing = [c for c in checks if not c.get("ok")]
@@ -993,14 +1000,7 @@ def _gate_p95(op: str, ci: DeltaCI | None, run: _RunInput, gates: Gates) -> Gate
             if absent
             else f"fewer than {cfg.min_requests} {op} requests in a phase"
         )
-        return GateResult(
-            name=name,
-            title=title,
-            status=GateStatus.NOT_MEASURED,
-            threshold=threshold,
-            measured="not measured",
-            detail=why,
-        )
+        return _not_measured(name, title, threshold, why)
     allowed = max(ci.baseline * cfg.max_increase_pct / 100.0, cfg.max_increase_ms)
     regressed = ci.delta > allowed and ci.low > 0.0
     pct = ci.delta_pct
@@ -1032,13 +1032,11 @@ def _gate_unexpected(run: _RunInput, gates: Gates) -> GateResult:
     threshold = f"<= {cfg.max_share_pct:g}% of post-migration requests"
     post = run.phases[Phase.POST].samples
     if post is None or post.empty:
-        return GateResult(
-            name="unexpected_errors",
-            title=title,
-            status=GateStatus.NOT_MEASURED,
-            threshold=threshold,
-            measured="not measured",
-            detail=run.phases[Phase.POST].missing_reason or "the post phase has no requests",
+        return _not_measured(
+            "unexpected_errors",
+            title,
+            threshold,
+            run.phases[Phase.POST].missing_reason or "the post phase has no requests",
         )
     unexpected = ~post["outcome"].astype(str).isin(cfg.expected)
     count = int(unexpected.sum())
@@ -1061,13 +1059,11 @@ def _gate_rollback(run: _RunInput) -> GateResult:
     threshold = "catalog equal, re-applied, re-validated"
     rb = run.rollback
     if rb is None:
-        return GateResult(
-            name="rollback_drill",
-            title=title,
-            status=GateStatus.NOT_MEASURED,
-            threshold=threshold,
-            measured="not measured",
-            detail=f"{ROLLBACK_FILE} not found",
+        return _not_measured(
+            "rollback_drill",
+            title,
+            threshold,
+            f"{ROLLBACK_FILE} not found",
         )
     ok = (
         bool(rb.get("catalog_equal"))
