@@ -188,6 +188,12 @@ def write_run(
             "ok": validation_ok,
             "checks": checks,
             "integrity": {"orphan_allocations": 0},
+            "invariants": {
+                "overlapping_allocations": 0,
+                "overlapping_holds": 0,
+                "orphan_allocations": 0,
+                "inventory_other_restaurant": 0,
+            },
             "quarantine": dict(DIRT if quarantine is None else quarantine),
         },
     )

@@ -203,6 +203,25 @@ def test_missing_object_fails_and_database_text_is_escaped(tmp_path: Path) -> No
     assert "<b>allocations_no_overlap</b>" not in page
 
 
+def test_expected_objects_judges_the_checks_only(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    validation = read_json(run_dir / "validation.json")
+    # validate says "not ok" because of a double booking right after migrating:
+    # that is the double-booking gate's business, the objects are all there
+    validation["ok"] = False
+    validation["invariants"]["overlapping_allocations"] = 3
+    (run_dir / "validation.json").write_text(json.dumps(validation))
+    result = _report(run_dir)
+    gate = next(g for g in result.gates if g.name == "expected_objects")
+    assert gate.status == "pass"
+    page = result.report_html.read_text()
+    assert "after migrate (validate)" in page
+    validation["checks"] = []
+    (run_dir / "validation.json").write_text(json.dumps(validation))
+    gate = next(g for g in _report(run_dir).gates if g.name == "expected_objects")
+    assert gate.status == "fail" and "no checks" in gate.detail
+
+
 def test_unexpected_errors_gate_reads_the_toml_limit(tmp_path: Path) -> None:
     run_dir = standard_run(tmp_path / "run")
     gates = tmp_path / "gates.toml"
