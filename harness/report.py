@@ -886,7 +886,8 @@ def error_mapping(phases: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
                 "constraint": constraint or None,
                 "operation": operation,
                 "count": int(row["_total"]),
-                "counts": {p: int(row[p]) for p in PHASES if p in row.index},
+                # every phase that ran, zero included: "0 before, 20 after" is the point
+                "counts": {p: int(row[p]) if p in row.index else 0 for p in phases},
                 "http_status": answer.http_status,
                 "response": answer.response,
                 "retry": answer.retry,

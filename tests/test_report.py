@@ -486,3 +486,44 @@ def test_charts_are_embedded_png(tmp_path: Path) -> None:
     page = result.report_html.read_text()
     assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page
+
+
+def test_reads_samples_written_by_the_load_stage_writer(tmp_path: Path) -> None:
+    from harness.samples import SampleStore, write_samples
+
+    run_dir = standard_run(tmp_path / "run", n=300)
+    store = SampleStore()
+    for i in range(200):
+        refused = i % 10 == 0
+        store.add(
+            ts=START_TS + i * 0.05,
+            phase="post",
+            operation="create_booking",
+            outcome="exclusion_violation" if refused else "ok",
+            sqlstate="23P01" if refused else None,
+            constraint="allocations_no_overlap" if refused else None,
+            latency_ms=float(i + 1),
+            user=i % 7,
+            worker="local",
+        )
+    write_samples(run_dir / samples_file("post"), store)
+    summary = _strict_json(_report(run_dir).summary_json)
+    create = summary["latency"]["post"]["create_booking"]
+    assert create["requests"] == 200
+    assert create["p95_ms"] == pytest.approx(np.quantile(np.arange(1, 201), 0.95))
+    rows = summary["outcome_rates"]["post"]["create_booking"]
+    assert rows["exclusion_violation"]["share"] == pytest.approx(0.1)
+    mapped = [r for r in summary["error_mapping"] if r["counts"].get("post")]
+    assert mapped == [
+        {
+            "sqlstate": "23P01",
+            "outcome": "exclusion_violation",
+            "constraint": "allocations_no_overlap",
+            "operation": "create_booking",
+            "count": 20,
+            "counts": {"pre": 0, "post": 20},
+            "http_status": 409,
+            "response": mapped[0]["response"],
+            "retry": False,
+        }
+    ]
