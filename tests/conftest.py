@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,17 +41,22 @@ class PgServer:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
     url = os.environ.get("HARNESS_TEST_DB_URL")
     if url:
         yield PgServer(admin_url=url, embedded_dir=None)
         return
-    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    # Not pytest's tmp_path: its folders are private to root (the server runs as
+    # another user) and are pruned by other pytest sessions running meanwhile.
+    base = Path(tempfile.mkdtemp(prefix="harness-test-pg-"))
+    base.chmod(0o755)
+    data_dir = base / "data"
     admin_url = start_embedded(data_dir)
     try:
         yield PgServer(admin_url=admin_url, embedded_dir=data_dir)
     finally:
         stop_embedded(data_dir)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 _counter = itertools.count()

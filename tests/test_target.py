@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from harness.cli import main
@@ -102,7 +106,12 @@ def test_cli_target_prints_the_server(baseline_db, capsys):
     assert "PostgreSQL" in out and "--db-url" in out
 
 
-def test_embedded_default_starts_and_is_reused(tmp_path):
+@pytest.mark.embedded_only
+def test_embedded_default_starts_and_is_reused():
+    # A folder of our own: pytest's tmp_path is private to root (the server runs
+    # as another user) and other pytest sessions prune it.
+    tmp_path = Path(tempfile.mkdtemp(prefix="harness-test-embedded-"))
+    tmp_path.chmod(0o755)
     settings = TargetSettings(data_dir=tmp_path / "pg")
     first = open_target(settings, environ={})
     assert first.kind is TargetKind.EMBEDDED and first.is_throwaway
@@ -118,3 +127,4 @@ def test_embedded_default_starts_and_is_reused(tmp_path):
     from harness.target import stop_embedded
 
     stop_embedded(tmp_path / "pg")
+    shutil.rmtree(tmp_path, ignore_errors=True)
