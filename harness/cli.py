@@ -400,6 +400,68 @@ def cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSt
 
 
 # --------------------------------------------------------------------------
+# harness lint
+
+
+def _add_lint(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lint",
+        # common options only: linting reads files and never touches a database
+        parents=[_common_options()],
+        help="run squawk over 001..004 and the rollback; fail on warnings not accepted",
+        description="Run squawk over the migration files (001..NNN and rollback_*.sql) and"
+        " compare with the accepted-warnings file, where each accepted warning has its"
+        " reason. Exit 1 on a new warning (each printed as file:line rule message); stale"
+        " accepted entries are reported but do not fail. --verbose lists the accepted ones.",
+    )
+    p.add_argument(
+        "--sql-dir",
+        type=Path,
+        default=DEFAULT_SQL_DIR,
+        metavar="DIR",
+        help="folder of the migration files (default: the repository's sql/)",
+    )
+    p.add_argument(
+        "--accepted",
+        type=Path,
+        metavar="FILE",
+        help="accepted-warnings TOML (default: squawk-accepted.toml in the sql folder)",
+    )
+    p.add_argument(
+        "--pg-version",
+        default="15",
+        metavar="VERSION",
+        help="PostgreSQL version squawk's advice must hold for (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_lint)
+
+
+def cmd_lint(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.lint import LintSettings, lint
+
+    result = lint(
+        LintSettings(sql_dir=args.sql_dir, accepted_file=args.accepted, pg_version=args.pg_version)
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return ExitStatus.SUCCESS if result.ok else ExitStatus.CHECK_FAILED
+    print(f"squawk {result.squawk_version} over {', '.join(result.files)}")
+    for finding in result.new:
+        print(finding.display())
+    if args.verbose:
+        for finding in result.accepted:
+            print(f"accepted: {finding.display()} -- {finding.accepted_reason}")
+    for entry in result.stale:
+        print(f"warning: stale accepted entry ({entry.file} {entry.rule}) matches nothing")
+    print(
+        f"lint: {len(result.new)} new, {len(result.accepted)} accepted,"
+        f" {len(result.stale)} stale -> {'PASS' if result.ok else 'FAIL'}"
+    )
+    return ExitStatus.SUCCESS if result.ok else ExitStatus.CHECK_FAILED
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
@@ -409,6 +471,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_report,
     _add_migrate,
     _add_rollback,
+    _add_lint,
 ]
 
 
