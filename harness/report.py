@@ -56,6 +56,9 @@ Written into the run folder, each atomically:
       "migrations": {file: {"sha256", "outcome", "duration_s", "mode",
                             "started_at", "finished_at", "sqlstate",
                             "error"}},
+      "lint": {"ok", "squawk_version", "new": n, "accepted": n,
+               "findings": [{"file", "line", "rule", "level", "message",
+                             "accepted", "reason"}]} | null,
       "monitoring": {"baseline_phase", "spike_factor", "min_share_pct",
                      "min_per_minute",
                      "thresholds": [{"operation", "outcome", "sqlstate",
@@ -101,6 +104,7 @@ from harness.rundir import (
     ERROR_MAPPING_FILE,
     JUNIT_FILE,
     LEDGER_FILE,
+    LINT_FILE,
     MANIFEST_FILE,
     REPORT_FILE,
     ROLLBACK_FILE,
@@ -549,6 +553,7 @@ class _RunInput:
     ledger: list[dict[str, Any]] | None
     validation: dict[str, Any] | None
     rollback: dict[str, Any] | None
+    lint: dict[str, Any] | None
     phases: dict[str, _PhaseInput]
     missing: list[str]
 
@@ -600,6 +605,7 @@ def _read_run(run_dir: Path) -> _RunInput:
     rollback = _optional_json(
         run_dir / ROLLBACK_FILE, dict, missing, "the rollback drill did not run"
     )
+    lint = _optional_json(run_dir / LINT_FILE, dict, missing, "lint did not run")
     phases = {p: _read_phase(run_dir, p, missing) for p in PHASES}
     return _RunInput(
         run_dir=run_dir,
@@ -608,6 +614,7 @@ def _read_run(run_dir: Path) -> _RunInput:
         ledger=ledger,
         validation=validation,
         rollback=rollback,
+        lint=lint,
         phases=phases,
         missing=missing,
     )
@@ -1524,6 +1531,34 @@ def _migrations(run: _RunInput) -> dict[str, dict[str, Any]]:
     return _mask(out)
 
 
+def _lint(run: _RunInput) -> dict[str, Any] | None:
+    """squawk's findings on the migration files, accepted (with reason) or new."""
+    if run.lint is None:
+        return None
+    findings = []
+    for key, accepted in (("new", False), ("accepted", True)):
+        for f in run.lint.get(key) or []:
+            if isinstance(f, dict):
+                findings.append(
+                    {
+                        "file": f.get("file"),
+                        "line": f.get("line"),
+                        "rule": f.get("rule"),
+                        "level": f.get("level"),
+                        "message": f.get("message"),
+                        "accepted": accepted,
+                        "reason": f.get("accepted_reason"),
+                    }
+                )
+    return {
+        "ok": run.lint.get("ok"),
+        "squawk_version": run.lint.get("squawk_version"),
+        "new": sum(1 for f in findings if not f["accepted"]),
+        "accepted": sum(1 for f in findings if f["accepted"]),
+        "findings": findings,
+    }
+
+
 def _summary(
     run: _RunInput,
     gates: Gates,
@@ -1606,6 +1641,7 @@ def _summary(
         },
         "error_mapping": mapping,
         "migrations": _migrations(run),
+        "lint": _lint(run),
         "monitoring": {
             "baseline_phase": gates.monitoring.baseline_phase,
             "spike_factor": gates.monitoring.spike_factor,
@@ -2112,11 +2148,29 @@ def _html_migrations(summary: Mapping[str, Any]) -> str:
         }
         for f, m in summary["migrations"].items()
     ]
-    return _section(
-        "migrations",
-        "Migrations",
-        _frame_html(pd.DataFrame(rows), f"{LEDGER_FILE} not found: migrate did not run"),
-    )
+    body = _frame_html(pd.DataFrame(rows), f"{LEDGER_FILE} not found: migrate did not run")
+    lint = summary["lint"]
+    if lint is None:
+        body += f'<h3>squawk lint</h3><p class="note">{LINT_FILE} not found: lint did not run</p>'
+    else:
+        findings = pd.DataFrame(
+            [
+                {
+                    "file": f["file"],
+                    "line": f["line"],
+                    "rule": f["rule"],
+                    "level": f["level"],
+                    "status": "accepted" if f["accepted"] else "NEW",
+                    "reason / message": f["reason"] if f["accepted"] else f["message"],
+                }
+                for f in lint["findings"]
+            ]
+        )
+        body += (
+            f"<h3>squawk lint: {lint['new']} new, {lint['accepted']} accepted</h3>"
+            + _frame_html(findings, "no findings")
+        )
+    return _section("migrations", "Migrations", body)
 
 
 def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> str:

@@ -480,6 +480,41 @@ def test_quarantine_is_compared_with_the_manifest(tmp_path: Path) -> None:
     assert rows["overlapping_allocation"]["match"] is True
 
 
+def test_lint_findings_are_listed(tmp_path: Path) -> None:
+    lint = {
+        "ok": False,
+        "squawk_version": "2.0",
+        "new": [
+            {
+                "file": "002_integrity.sql",
+                "line": 12,
+                "rule": "adding-foreign-key-constraint",
+                "level": "Warning",
+                "message": "<locks> both tables",
+                "accepted_reason": None,
+            }
+        ],
+        "accepted": [
+            {
+                "file": "003_index_triggers.sql",
+                "line": 4,
+                "rule": "require-timeout",
+                "level": "Warning",
+                "message": "m",
+                "accepted_reason": "runner sets it",
+            }
+        ],
+        "stale": [],
+    }
+    run_dir = standard_run(tmp_path / "run", n=300, extra={"lint.json": lint})
+    result = _report(run_dir)
+    summary = _strict_json(result.summary_json)
+    assert summary["lint"]["new"] == 1 and summary["lint"]["accepted"] == 1
+    page = result.report_html.read_text()
+    assert "squawk lint: 1 new, 1 accepted" in page and "runner sets it" in page
+    assert "&lt;locks&gt; both tables" in page
+
+
 def test_charts_are_embedded_png(tmp_path: Path) -> None:
     run_dir = standard_run(tmp_path / "run", n=2000)
     result = build_report(ReportSettings(run_dir=run_dir))
