@@ -400,6 +400,146 @@ def cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSt
 
 
 # --------------------------------------------------------------------------
+# harness provision
+
+
+def _dirt_pair(text: str) -> tuple[str, float]:
+    kind, sep, rate = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KIND=RATE, got {text!r}")
+    try:
+        return kind.strip(), float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {rate!r}") from None
+
+
+def _add_provision(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from harness.provision import DEFAULT_DIRT_RATES
+
+    p = sub.add_parser(
+        "provision",
+        parents=parents,
+        help="replace the target's data with a seeded synthetic snapshot, or an anonymized clone",
+        description="Synthetic (default): fill the baseline schema with a production-like"
+        " snapshot at --scale (1: ~57k rows; 90: ~1M allocations), reproducible from --seed,"
+        " with planted dirt counted in a manifest (harness.snapshot_manifest and a JSON file)."
+        " Clone: --from URL or --from-dump FILE copies schema and data with pg_dump/pg_restore"
+        " and anonymizes personal data (--rules) before committing. A URL target is refused"
+        " without --yes-destroy-target-data.",
+    )
+    p.add_argument("--scale", type=_positive_int, default=1, help="size factor (default: 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the synthetic data (default: 1)")
+    p.add_argument(
+        "--anchor",
+        metavar="ISO_TIME",
+        help="the snapshot's 'now' (default: this hour); the same seed, scale and anchor"
+        " give the same rows",
+    )
+    p.add_argument(
+        "--dirt",
+        type=_dirt_pair,
+        action="append",
+        default=[],
+        metavar="KIND=RATE",
+        help="rate of one kind of dirt (repeatable); kinds and defaults: "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_DIRT_RATES.items()),
+    )
+    p.add_argument("--dirt-rate", type=float, metavar="RATE", help="one rate for every kind")
+    p.add_argument("--no-dirt", action="store_true", help="plant no dirt at all")
+    p.add_argument("--from", dest="source_url", metavar="SOURCE_URL", help="clone this database")
+    p.add_argument("--from-dump", type=Path, metavar="FILE", help="restore this pg_dump file")
+    p.add_argument(
+        "--rules",
+        type=Path,
+        metavar="TOML",
+        help="anonymization rules for a clone (default: sql/anonymize-defaults.toml)",
+    )
+    p.add_argument(
+        "--yes-destroy-target-data",
+        action="store_true",
+        help="confirm that the URL target's data may be replaced",
+    )
+    p.add_argument(
+        "--allow-production-target",
+        action="store_true",
+        help="allow a target whose host or database name looks like production",
+    )
+    p.add_argument(
+        "--reset-schema",
+        action="store_true",
+        help="drop the app's tables and the harness schema first (a migrated target)",
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=DEFAULT_REPORTS_DIR / "manifest.json",
+        metavar="PATH",
+        help="where to write the manifest JSON (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_provision)
+
+
+def cmd_provision(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from datetime import datetime
+
+    from harness.errors import ConfigError
+    from harness.provision import ProvisionSettings, dirt_rates_from, provision, result_summary
+
+    anchor = None
+    if args.anchor:
+        try:
+            anchor = datetime.fromisoformat(args.anchor)
+        except ValueError:
+            raise ConfigError(f"--anchor {args.anchor!r} is not an ISO time") from None
+    all_rate = 0.0 if args.no_dirt else args.dirt_rate
+    settings = ProvisionSettings(
+        scale=args.scale,
+        seed=args.seed,
+        anchor=anchor,
+        dirt_rates=dirt_rates_from(dict(args.dirt), all_rate=all_rate),
+        source_url=args.source_url,
+        from_dump=args.from_dump,
+        rules_path=args.rules,
+        yes_destroy_target_data=args.yes_destroy_target_data,
+        allow_production=args.allow_production_target,
+        reset_schema=args.reset_schema,
+        manifest_path=args.manifest,
+    )
+    target = _open(args, environ)
+    if args.json:
+        result = provision(target, settings)
+        print(json.dumps(result_summary(result), indent=2, default=str))
+        return ExitStatus.SUCCESS
+    print(f"provisioning {target.display}", flush=True)
+    if sys.stderr.isatty():
+        from harness.provision import rich_progress
+
+        with rich_progress() as progress:
+            result = provision(target, settings, progress=progress)
+    else:
+        result = provision(target, settings)
+    for table, n in result.rows.items():
+        print(f"  {table:<20} {n:>10,}")
+    print(
+        f"{result.kind}: {result.total_rows:,} rows in {result.seconds:.2f} s"
+        f" ({result.rows_per_second:,.0f} rows/s)"
+    )
+    dirt = result.manifest.get("dirt") or {}
+    if dirt:
+        print("dirt planted: " + ", ".join(f"{k}={v}" for k, v in dirt.items()))
+    if result.anonymization:
+        anon = result.anonymization
+        print(
+            f"anonymized {len(anon['columns'])} columns; checked {anon['values_checked']:,}"
+            f" source values: {anon['survivors']} survive in the target"
+        )
+    if result.manifest_path:
+        print(f"manifest: {result.manifest_path}")
+    return ExitStatus.SUCCESS
+
+
+# --------------------------------------------------------------------------
 # harness lint
 
 
@@ -472,6 +612,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_migrate,
     _add_rollback,
     _add_lint,
+    _add_provision,
 ]
 
 

@@ -391,3 +391,83 @@ def _check_extension(conn: psycopg.Connection, display: str) -> None:
             hint="install PostgreSQL's contrib package on that server,"
             " or on Supabase enable btree_gist under Database > Extensions",
         )
+
+
+# --------------------------------------------------------------------------
+# Destructive actions (provision, reset): one gate for every stage
+
+DEFAULT_PRODUCTION_PATTERN = "prod"
+
+
+def contents_summary(conn: psycopg.Connection, *, limit: int = 8) -> str:
+    """``"public.bookings 1200 rows, ..."``: what wiping the database would destroy.
+
+    Small tables are counted exactly; big ones (over 100k rows by the
+    planner's estimate) are shown as ``~estimate``, since counting a big
+    production table could take minutes. The largest tables come first.
+    """
+    tables = conn.execute(
+        "SELECT n.nspname, c.relname, c.reltuples::bigint FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        " AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY c.relpages DESC, 1, 2 LIMIT %s",
+        (limit + 1,),
+    ).fetchall()
+    if not tables:
+        return "no tables"
+    shown = []
+    for schema, name, estimate in tables[:limit]:
+        if estimate > 100_000:
+            shown.append(f"{schema}.{name} ~{estimate} rows")
+            continue
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(name)
+        )
+        shown.append(f"{schema}.{name} {conn.execute(query).fetchone()[0]} rows")
+    return ", ".join(shown) + (", ..." if len(tables) > limit else "")
+
+
+def check_destructive_allowed(
+    target: Target,
+    *,
+    confirmed: bool,
+    allow_production: bool = False,
+    pattern: str = DEFAULT_PRODUCTION_PATTERN,
+    conn: psycopg.Connection | None = None,
+    action: str = "provisioning",
+) -> None:
+    """Refuse to destroy the data of a target that is not a throwaway.
+
+    The embedded server is always fine. A URL target needs ``confirmed``
+    (``--yes-destroy-target-data``); one whose host or database name matches
+    ``pattern`` (case-insensitive regex, default ``prod``) also needs
+    ``allow_production``. The refusal names the host, the database and what
+    its tables hold, so that the user knows what they are about to lose.
+    """
+    from harness.errors import SafetyError
+
+    if target.is_throwaway:
+        return
+    params = conninfo_to_dict(target.url)
+    host = str(params.get("host") or "localhost")
+    dbname = str(params.get("dbname") or params.get("user") or "")
+    where = f"database {dbname!r} on {host}:{params.get('port') or 5432}"
+
+    def summary() -> str:
+        if conn is not None:
+            return contents_summary(conn)
+        with target.connect(autocommit=True) as own:
+            return contents_summary(own)
+
+    if pattern and re.search(pattern, f"{host} {dbname}", re.IGNORECASE) and not allow_production:
+        raise SafetyError(
+            f"refusing {action}: {where} looks like production (matches {pattern!r});"
+            f" it holds {summary()}",
+            hint="point at a staging database, or pass --allow-production-target"
+            " together with --yes-destroy-target-data if you really mean it",
+        )
+    if not confirmed:
+        raise SafetyError(
+            f"refusing {action}: it would destroy the data of {where}, which holds {summary()}",
+            hint="pass --yes-destroy-target-data if that database is a throwaway copy",
+        )

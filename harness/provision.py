@@ -1,0 +1,1196 @@
+"""Provision stage: fill the target with a production-like snapshot.
+
+Two ways, one entry point (:func:`provision`):
+
+- **Synthetic.** A seeded snapshot of the baseline schema at a scale factor,
+  generated inside the server (``INSERT ... SELECT generate_series``) from
+  deterministic hashes of (seed, row number): ``hashint8extended`` with a key
+  derived from the seed and the column. No ``random()``: the same seed, scale
+  and anchor give the same rows, id for id, whatever the plan or the number of
+  workers. Dirt (double bookings, orphans, NULLs, duplicate keys...) is planted
+  on top, with ids above every clean row, and counted exactly in a manifest.
+- **Clone.** ``pg_dump``/``pg_restore`` of a source database (or a dump file),
+  anonymized before anyone else can read it (see :mod:`harness.anonymize`).
+
+Both replace the data of the target, so both go through
+:func:`harness.target.check_destructive_allowed` first.
+
+Scale: scale 1 is about 57k rows (10k allocations); allocations grow linearly,
+so scale 90 gives about 1M allocations (about 5M rows in all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from harness import __version__
+from harness.errors import ConfigError
+from harness.rundir import MANIFEST_FILE, write_json
+from harness.target import Target, check_destructive_allowed
+
+log = logging.getLogger(__name__)
+
+BASELINE_SQL = Path(__file__).resolve().parent.parent / "sql" / "000_baseline.sql"
+
+# The app's tables in foreign-key order (parents first).
+APP_TABLES: tuple[str, ...] = (
+    "restaurants",
+    "dining_tables",
+    "table_inventory",
+    "booking_slots",
+    "customers",
+    "bookings",
+    "allocations",
+    "table_hold_windows",
+)
+
+# Dirt kinds provision plants, named by the quarantine reason 001 gives them
+# (docs/schema.md). Each rate is a fraction of the clean rows of the table the
+# dirt goes into (for the hold kinds: of the live holds); a rate above 0
+# plants at least one row.
+DIRT_KINDS: tuple[str, ...] = (
+    "null_party_size",
+    "duplicate_idempotency_key",
+    "orphan_allocation",
+    "overlapping_allocation",
+    "expired_hold",
+    "null_hold_expiry",
+    "overlapping_hold",
+    "inventory_table_other_restaurant",
+)
+DEFAULT_DIRT_RATES: Mapping[str, float] = MappingProxyType(
+    {
+        "null_party_size": 0.0005,
+        "duplicate_idempotency_key": 0.001,
+        "orphan_allocation": 0.0005,
+        "overlapping_allocation": 0.001,
+        # Stale holds nobody purged: as many as there are live ones.
+        "expired_hold": 1.0,
+        "null_hold_expiry": 0.05,
+        "overlapping_hold": 0.1,
+        "inventory_table_other_restaurant": 0.0002,
+    }
+)
+
+RESTAURANTS_PER_SCALE = 5
+CUSTOMERS_PER_SCALE = 5000
+LIVE_HOLDS_PER_TABLE = 0.05
+SLOTS_PER_DAY = 32  # 11:30..14:00 and 17:00..22:00, every 15 minutes
+SEATINGS = 3  # lunch, early dinner, late dinner: never overlapping on one table
+# Live holds expire at least this long after the anchor, so that none turns
+# into an expired_hold while the rehearsal runs (docs/schema.md).
+LIVE_HOLD_MIN_LIFETIME = timedelta(days=2)
+# Rows per INSERT: small enough for a live progress bar, big enough that the
+# per-statement cost does not show.
+CHUNK_ROWS = 200_000
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(step, rows_done, rows_total_estimate)``, called as rows land."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProvisionSettings:
+    """What to provision. Synthetic unless ``source_url`` or ``from_dump`` is set."""
+
+    scale: int = 1
+    seed: int = 1
+    # "Now" of the snapshot: bookings are laid out around it. Default: the
+    # current hour (UTC). Passing the same anchor reproduces the same rows.
+    anchor: datetime | None = None
+    past_days: int = 60
+    future_days: int = 30
+    dirt_rates: Mapping[str, float] = field(default_factory=lambda: DEFAULT_DIRT_RATES)
+    source_url: str | None = None
+    from_dump: Path | None = None
+    rules_path: Path | None = None
+    yes_destroy_target_data: bool = False
+    allow_production: bool = False
+    production_pattern: str = "prod"
+    # Drop the app's tables and the harness schema first (a migrated target).
+    reset_schema: bool = False
+    manifest_path: Path | None = None
+    run_dir: Path | None = None
+    baseline_sql: Path = BASELINE_SQL
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProvisionResult:
+    kind: str
+    rows: dict[str, int]
+    seconds: float
+    rows_per_second: float
+    manifest: dict[str, Any]
+    manifest_path: Path | None = None
+    anonymization: dict[str, Any] | None = None
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+
+# --------------------------------------------------------------------------
+# Entry point
+
+
+def provision(
+    target: Target, settings: ProvisionSettings, *, progress: ProgressFn | None = None
+) -> ProvisionResult:
+    """Replace the target's data with a synthetic snapshot or an anonymized clone.
+
+    Raises :class:`SafetyError` when the target may not be destroyed,
+    :class:`ConfigError` for bad settings, :class:`TargetError` when a
+    database cannot be reached.
+    """
+    if settings.source_url and settings.from_dump:
+        raise ConfigError("give either a source URL or a dump file, not both")
+    if settings.source_url or settings.from_dump:
+        from harness.clone import clone
+
+        return clone(target, settings, progress=progress)
+    return _synthetic(target, settings, progress=progress)
+
+
+def read_manifest(conn_or_target: psycopg.Connection | Target) -> dict[str, Any] | None:
+    """The manifest of the snapshot in the database, or None if it has none."""
+    if isinstance(conn_or_target, Target):
+        with conn_or_target.connect(autocommit=True) as conn:
+            return read_manifest(conn)
+    conn = conn_or_target
+    exists = conn.execute("SELECT to_regclass('harness.snapshot_manifest') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(
+        "SELECT manifest FROM harness.snapshot_manifest ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return dict(row[0]) if row else None
+
+
+def expected_quarantine(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """What 001 should put in harness.quarantine for this snapshot: {reason: count > 0}."""
+    return {reason: int(n) for reason, n in manifest.get("dirt", {}).items() if n}
+
+
+# --------------------------------------------------------------------------
+# Settings checks
+
+
+def dirt_rates_from(overrides: Mapping[str, float] | None, *, all_rate: float | None = None):
+    """Defaults, or every kind at ``all_rate``, with ``overrides`` on top (checked)."""
+    rates = dict(DEFAULT_DIRT_RATES)
+    if all_rate is not None:
+        rates = dict.fromkeys(DIRT_KINDS, all_rate)
+    for kind, rate in (overrides or {}).items():
+        if kind not in DIRT_KINDS:
+            raise ConfigError(
+                f"unknown dirt kind {kind!r}", hint="one of: " + ", ".join(DIRT_KINDS)
+            )
+        rates[kind] = rate
+    for kind, rate in rates.items():
+        if not (0 <= rate <= 10):
+            raise ConfigError(f"dirt rate of {kind} must be between 0 and 10, got {rate}")
+    return MappingProxyType(rates)
+
+
+def _check_settings(settings: ProvisionSettings) -> datetime:
+    if settings.scale < 1:
+        raise ConfigError(f"scale must be at least 1, got {settings.scale}")
+    if not (0 <= settings.seed < 2**62):
+        raise ConfigError(f"seed must be between 0 and 2**62, got {settings.seed}")
+    if settings.past_days < 1 or settings.future_days < 15:
+        raise ConfigError("past_days must be at least 1 and future_days at least 15")
+    dirt_rates_from(settings.dirt_rates)
+    now = datetime.now(UTC)
+    anchor = settings.anchor or now.replace(minute=0, second=0, microsecond=0)
+    if anchor.tzinfo is None:
+        raise ConfigError("the anchor time needs a time zone")
+    anchor = anchor.astimezone(UTC)
+    # Stale holds must already be expired when 001 runs, live ones must not be.
+    if anchor > now + timedelta(minutes=5):
+        raise ConfigError(f"the anchor {anchor.isoformat()} is in the future")
+    if anchor + LIVE_HOLD_MIN_LIFETIME < now + timedelta(hours=1):
+        raise ConfigError(
+            f"the anchor {anchor.isoformat()} is too old: its live holds would already"
+            " have expired",
+            hint="use an anchor within the last day",
+        )
+    return anchor
+
+
+# --------------------------------------------------------------------------
+# Schema: baseline present, dropped indexes while loading
+
+
+def ensure_baseline(
+    conn: psycopg.Connection, *, baseline_sql: Path = BASELINE_SQL, reset: bool = False
+) -> None:
+    """Make the app's tables exist at the baseline; refuse a migrated schema."""
+    if reset:
+        for table in reversed(APP_TABLES):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(table)))
+        conn.execute("DROP SCHEMA IF EXISTS harness CASCADE")
+    present = {
+        r[0]
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname = ANY(%s)",
+            (list(APP_TABLES),),
+        )
+    }
+    if len(present) < len(APP_TABLES):
+        log.info("applying %s (missing: %s)", baseline_sql.name, set(APP_TABLES) - present)
+        conn.execute(baseline_sql.read_text())
+    problems = _not_baseline(conn)
+    if problems:
+        raise ConfigError(
+            "the target's schema is not the baseline: " + "; ".join(problems[:3]),
+            hint="roll the migrations back (harness rollback), or pass --reset-schema to drop"
+            " the app's tables and the harness schema and start from sql/000_baseline.sql",
+        )
+
+
+def _not_baseline(conn: psycopg.Connection) -> list[str]:
+    """What makes the app's tables differ from the baseline (migrations applied...)."""
+    problems = [
+        f"{table} has {kind} constraint {name}"
+        for table, name, kind in conn.execute(
+            "SELECT conrelid::regclass::text, conname, contype::text FROM pg_constraint"
+            " WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('c', 'x', 'u')"
+            " AND conname <> 'customers_email_key'",
+            ([f"public.{t}" for t in APP_TABLES],),
+        )
+    ]
+    problems += [
+        f"{table} has trigger {name}"
+        for table, name in conn.execute(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger"
+            " WHERE tgrelid = ANY(%s::regclass[]) AND NOT tgisinternal",
+            ([f"public.{t}" for t in APP_TABLES],),
+        )
+    ]
+    for table, column in (("bookings", "party_size"), ("table_hold_windows", "expires_at")):
+        row = conn.execute(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
+            (f"public.{table}", column),
+        ).fetchone()
+        if row and row[0]:
+            problems.append(f"{table}.{column} is NOT NULL")
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = 'public.allocations'::regclass"
+        " AND attname = 'restaurant_id' AND NOT attisdropped"
+    ).fetchone()
+    if row:
+        problems.append("allocations has the restaurant_id column of 002")
+    return problems
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """Indexes and FK/unique constraints dropped for the load, re-created after."""
+
+    indexes: list[tuple[str, str]]  # (name, CREATE INDEX text from pg_get_indexdef)
+    constraints: list[tuple[str, str, str]]  # (table, name, definition)
+
+
+def _drop_secondary(conn: psycopg.Connection) -> _Deferred:
+    # A bulk load into tables without secondary indexes or FK triggers is about
+    # 4x faster; building the indexes once and checking each FK with one join
+    # afterwards costs a fraction of that. It all happens in the load's own
+    # transaction, so nobody ever sees the tables without them.
+    tables = [f"public.{t}" for t in APP_TABLES]
+    constraints = conn.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('f', 'u')"
+        " ORDER BY contype DESC, conrelid::regclass::text, conname",
+        (tables,),
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+        " WHERE i.indrelid = ANY(%s::regclass[]) AND NOT i.indisprimary"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)"
+        " ORDER BY 1",
+        (tables,),
+    ).fetchall()
+    for table, name, _ in constraints:  # FKs first ('f' > 'u'), then unique keys
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                sql.SQL(table), sql.Identifier(name)
+            )
+        )
+    for name, _ in indexes:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+    return _Deferred(indexes=indexes, constraints=constraints)
+
+
+def _restore_secondary(conn: psycopg.Connection, deferred: _Deferred) -> None:
+    # Names and definitions come from the server's own catalog (regclass text
+    # is already quoted as needed), not from user input.
+    for _, definition in deferred.indexes:
+        conn.execute(sql.SQL(definition))
+    for table, name, definition in reversed(deferred.constraints):  # unique keys first
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                sql.SQL(table), sql.Identifier(name), sql.SQL(definition)
+            )
+        )
+
+
+# --------------------------------------------------------------------------
+# Deterministic pseudo-random values inside SQL
+#
+# The generation SQL below is static text with two macros that expand to
+# hashes of a row number under a key derived from the seed and the macro's
+# name:
+#   U(name, expr)     a float in [0, 1)
+#   I(name, expr, m)  an integer in [0, m)
+# Keys are passed as literals through psycopg.sql, never formatted in.
+
+_MACRO = re.compile(r"\b([UI])\((\w+),\s*([^(),]+?)(?:,\s*([^(),]+?))?\)")
+_MASK53 = 9007199254740991
+_MASK63 = 9223372036854775807
+
+
+def _key(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _expand(template: str, seed: int, **values: Any) -> sql.Composed:
+    """Expand the U/I macros; fill ``{name}`` placeholders with literals."""
+    keys: dict[str, int] = {}
+
+    def repl(m: re.Match[str]) -> str:
+        kind, name, expr, modulus = m.groups()
+        placeholder = f"k_{name}"
+        keys[placeholder] = _key(seed, name)
+        hashed = f"hashint8extended(({expr})::int8, {{{placeholder}}})"
+        if kind == "U":
+            return f"(({hashed} & {_MASK53})::float8 / {_MASK53 + 1}.0)"
+        return f"(({hashed} & {_MASK63}) % ({modulus}))"
+
+    text = _MACRO.sub(repl, template)
+    params = {k: sql.Literal(v) for k, v in keys.items()}
+    params.update({k: sql.Literal(v) for k, v in values.items()})
+    return sql.SQL(text).format(**params)
+
+
+# Lists for names; the data is synthetic, nothing here is a real person.
+_FIRST = (
+    "(ARRAY['Anna','Ben','Chloe','David','Emma','Felix','Grace','Hugo','Isla','Jack','Kai',"
+    "'Lena','Mateo','Nina','Oscar','Priya','Quinn','Rosa','Sam','Tara','Umar','Vera','Wei',"
+    "'Xena','Yusuf','Zoe','Aiko','Bruno','Carmen','Dmitri','Elif','Farah','Goran','Hana',"
+    "'Ivan','Julia','Kenji','Lucia','Marek','Noor'])"
+)
+_LAST = (
+    "(ARRAY['Smith','Jones','Garcia','Muller','Rossi','Dubois','Tanaka','Kim','Nowak','Silva',"
+    "'Haddad','Okafor','Larsen','Novak','Ibrahim','Cohen','Khan','Lopez','Sato','Meyer',"
+    "'Costa','Ward','Fischer','Moreau','Singh','Ito','Berg','Popov','Chen','Walsh','Diaz',"
+    "'Petrov','Ahmed','Kowalski','Murphy','Yilmaz','Lindqvist','Mendes','Park','Vogel'])"
+)
+_DOMAINS = (
+    "(ARRAY['example.com','example.net','example.org','mail.example','inbox.example',"
+    "'post.example'])"
+)
+_TIMEZONES = (
+    "(ARRAY['Europe/London','Europe/Paris','America/New_York','America/Los_Angeles',"
+    "'Asia/Tokyo','Australia/Sydney','America/Sao_Paulo','Asia/Kolkata','Europe/Berlin'])"
+)
+_NOTES = (
+    "(ARRAY['Birthday','Anniversary dinner','Window seat please','Allergy: peanuts',"
+    "'High chair needed','Gluten free','Celebrating a promotion','Quiet table please',"
+    "'Running 15 minutes late','Wheelchair access'])"
+)
+
+# Local start minute and duration of a candidate booking c at seating s.
+# Lunch starts 11:30..13:00 and ends by 14:30, the early dinner 17:00..18:30
+# and ends by 20:00, the late dinner 20:00..21:45: seatings never overlap, so
+# one booking per (table, day, seating) can never double-book a table. The
+# sum of two hashes makes the start times peak mid-service.
+_J = "(I(j1, {c}, 4) + CASE WHEN {s} = 2 THEN I(j3, {c}, 5) ELSE I(j2, {c}, 4) END)"
+_START_MIN = "((ARRAY[690, 1020, 1200])[{s} + 1] + 15 * " + _J + ")"
+_DURATION = (
+    "(CASE {s} WHEN 0 THEN 60 + 15 * I(dur0, {c}, 3) WHEN 1 THEN 75 + 15 * I(dur1, {c}, 2)"
+    " ELSE 90 + 15 * I(dur2, {c}, 3) END)"
+)
+_SLOT_K = "((ARRAY[0, 11, 23])[{s} + 1] + " + _J + ")"
+
+
+def _fill(fragment: str, **names: str) -> str:
+    for key, value in names.items():
+        fragment = fragment.replace("{" + key + "}", value)
+    return fragment
+
+
+@dataclass
+class _Plan:
+    """Sizes of one synthetic snapshot (everything else derives from the seed)."""
+
+    seed: int
+    scale: int
+    anchor: datetime
+    past_days: int
+    future_days: int
+    restaurants: int = 0
+    customers: int = 0
+    tables: int = 0
+    bookings_grid: int = 0  # candidate ids 1..grid; planted bookings above it
+
+    @property
+    def days(self) -> int:
+        return self.past_days + 1 + self.future_days
+
+    @property
+    def first_date(self) -> date:
+        return self.anchor.date() - timedelta(days=self.past_days)
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "anchor": self.anchor,
+            "first_date": self.first_date,
+            "past": self.past_days,
+            "ndays": self.days,
+            "nrest": self.restaurants,
+            "ncust": self.customers,
+            "ntables": self.tables,
+            "grid": self.bookings_grid,
+            "keysalt": f"{self.seed}:",
+        }
+
+
+class _Loader:
+    def __init__(
+        self, conn: psycopg.Connection, plan: _Plan, progress: ProgressFn | None, estimate: int
+    ) -> None:
+        self.conn = conn
+        self.plan = plan
+        self.progress = progress
+        self.done = 0
+        self.estimate = estimate
+
+    def run(self, step: str, template: str, **values: Any) -> int:
+        query = _expand(template, self.plan.seed, **{**self.plan.values(), **values})
+        cur = self.conn.execute(query)
+        n = max(cur.rowcount, 0)
+        self.done += n
+        self.estimate = max(self.estimate, self.done)
+        if self.progress:
+            self.progress(step, self.done, self.estimate)
+        return n
+
+    def chunked(self, step: str, template: str, upper: int, rows_per_unit: float) -> int:
+        """Run ``template`` over ``{lo}..{hi}`` ranges of about CHUNK_ROWS rows."""
+        size = max(1, int(CHUNK_ROWS / max(rows_per_unit, 1e-9)))
+        total = 0
+        for lo in range(1, upper + 1, size):
+            total += self.run(step, template, lo=lo, hi=min(upper, lo + size - 1))
+        return total
+
+
+# --------------------------------------------------------------------------
+# Synthetic snapshot
+
+
+def _synthetic(
+    target: Target, settings: ProvisionSettings, *, progress: ProgressFn | None
+) -> ProvisionResult:
+    anchor = _check_settings(settings)
+    rates = dirt_rates_from(settings.dirt_rates)
+    started = time.perf_counter()
+    with target.connect() as conn:
+        check_destructive_allowed(
+            target,
+            confirmed=settings.yes_destroy_target_data,
+            allow_production=settings.allow_production,
+            pattern=settings.production_pattern,
+            conn=conn,
+        )
+        conn.commit()
+        ensure_baseline(conn, baseline_sql=settings.baseline_sql, reset=settings.reset_schema)
+        plan = _Plan(
+            seed=settings.seed,
+            scale=settings.scale,
+            anchor=anchor,
+            past_days=settings.past_days,
+            future_days=settings.future_days,
+            restaurants=RESTAURANTS_PER_SCALE * settings.scale,
+            customers=CUSTOMERS_PER_SCALE * settings.scale,
+        )
+        conn.execute(
+            sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
+                sql.SQL(", ").join(sql.Identifier(t) for t in APP_TABLES)
+            )
+        )
+        # The quarantine holds rows of the data being replaced (personal data
+        # too): it describes a snapshot that no longer exists.
+        if conn.execute("SELECT to_regclass('harness.quarantine')").fetchone()[0]:
+            conn.execute("TRUNCATE harness.quarantine")
+        deferred = _drop_secondary(conn)
+        loader = _Loader(conn, plan, progress, _estimate_rows(plan, settings))
+        rows = _load_clean(loader)
+        dirt = _plant_dirt(loader, rates, rows)
+        _finish_tables(conn)
+        if progress:
+            progress("indexes", loader.done, loader.done)
+        _restore_secondary(conn, deferred)
+        # Statistics for the migrations' integrity queries and the load test;
+        # ANALYZE may run inside the transaction, so it is part of the load.
+        conn.execute(
+            sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(sql.Identifier(t) for t in APP_TABLES))
+        )
+        counts = _row_counts(conn)
+        seconds = time.perf_counter() - started
+        total = sum(counts.values())
+        manifest = {
+            "kind": "synthetic",
+            "harness_version": __version__,
+            "created_at": datetime.now(UTC).isoformat(),
+            "seed": settings.seed,
+            "scale": settings.scale,
+            "anchor": anchor.isoformat(),
+            "past_days": settings.past_days,
+            "future_days": settings.future_days,
+            "live_holds_expire_after": (anchor + LIVE_HOLD_MIN_LIFETIME).isoformat(),
+            "rows": counts,
+            "dirt": dirt,
+            "dirt_rates": dict(rates),
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(total / seconds) if seconds else None,
+            "target": target.display,
+        }
+        write_manifest_row(conn, manifest)
+        conn.commit()
+    path = _write_manifest_file(manifest, settings)
+    log.info(
+        "provisioned %s rows in %.1f s (%s rows/s)", total, seconds, manifest["rows_per_second"]
+    )
+    return ProvisionResult(
+        kind="synthetic",
+        rows=counts,
+        seconds=seconds,
+        rows_per_second=total / seconds if seconds else 0.0,
+        manifest=manifest,
+        manifest_path=path,
+    )
+
+
+def _expected_bookings_per_table(plan: _Plan) -> float:
+    """Expected bookings per table over the window (same formula as the SQL)."""
+    total = 0.0
+    for d in range(plan.days):
+        weekday = (plan.first_date + timedelta(days=d)).isoweekday()
+        for seat in range(SEATINGS):
+            total += min(_p_alloc_py(plan, d, seat, weekday), 0.92) + 0.06
+    return total
+
+
+_SEAT_P = (0.40, 0.70, 0.50)
+_WEEKDAY_P = (0.75, 0.80, 0.90, 1.00, 1.20, 1.25, 0.95)
+
+
+def _p_alloc_py(plan: _Plan, d: int, seat: int, weekday: int) -> float:
+    if d < plan.past_days:
+        fut = 1.0
+    elif d == plan.past_days:
+        fut = 0.8
+    else:
+        fut = 0.45 * math.exp(-(d - plan.past_days - 1) / 8.0)
+    return _SEAT_P[seat] * _WEEKDAY_P[weekday - 1] * fut
+
+
+def _estimate_rows(plan: _Plan, settings: ProvisionSettings) -> int:
+    tables = 20 * plan.restaurants
+    bookings = tables * _expected_bookings_per_table(plan)
+    return int(
+        plan.restaurants
+        + tables
+        + tables * plan.days
+        + plan.restaurants * plan.days * SLOTS_PER_DAY
+        + plan.customers
+        + bookings * 1.9
+        + tables * LIVE_HOLDS_PER_TABLE * 2
+    )
+
+
+# The probability that candidate (table, day d, seating s) is booked and
+# keeps its table; another 6% are cancelled bookings without allocation.
+_P_ALLOC = (
+    "least(0.92, (ARRAY[0.40, 0.70, 0.50])[s + 1]"
+    " * (ARRAY[0.75, 0.80, 0.90, 1.00, 1.20, 1.25, 0.95])[extract(isodow FROM sd)::int]"
+    " * CASE WHEN d < {past} THEN 1.0 WHEN d = {past} THEN 0.8"
+    " ELSE 0.45 * exp(-(d - {past} - 1) / 8.0) END)"
+)
+
+_SQL_RESTAURANTS = (
+    """
+INSERT INTO restaurants (id, name, timezone, created_at, updated_at)
+SELECT g,
+       (ARRAY['Olive','Copper','Juniper','Saffron','Harbour','Linden','Ember','Fig','Marlow',
+              'Quince','Basil','Cedar','Alder','Sorrel','Thyme','Rowan'])[1 + I(rname1, g, 16)]
+       || ' ' ||
+       (ARRAY['Kitchen','Bistro','Table','Brasserie','House','Trattoria','Grill','Canteen',
+              'Dining Room','Izakaya','Taverna','Cafe'])[1 + I(rname2, g, 12)],
+       """
+    + _TIMEZONES
+    + """[1 + (g - 1) % 9],
+       {anchor}::timestamptz - (365 + I(rcreated, g, 1500)) * interval '1 day',
+       {anchor}::timestamptz - I(rupdated, g, 90) * interval '1 day'
+FROM generate_series(1, {nrest}) AS g
+"""
+)
+
+_SQL_TABLES = """
+INSERT INTO dining_tables (id, restaurant_id, label, capacity, created_at, updated_at)
+SELECT row_number() OVER (ORDER BY r.id, g), r.id, 'T' || g,
+       CASE WHEN U(cap, r.id * 100 + g) < 0.35 THEN 2 WHEN U(cap, r.id * 100 + g) < 0.70 THEN 4
+            WHEN U(cap, r.id * 100 + g) < 0.85 THEN 6 WHEN U(cap, r.id * 100 + g) < 0.95 THEN 8
+            ELSE 10 END,
+       r.created_at, r.created_at
+FROM restaurants AS r CROSS JOIN LATERAL generate_series(1, 12 + I(ntables, r.id, 17)) AS g
+"""
+
+_SQL_INVENTORY = """
+INSERT INTO table_inventory (id, restaurant_id, table_id, service_date, opens_at, closes_at,
+                             is_bookable, created_at, updated_at)
+SELECT (t.id - 1) * {ndays} + d + 1, t.restaurant_id, t.id, sd,
+       (sd + time '11:00') AT TIME ZONE r.timezone,
+       (sd + time '23:45') AT TIME ZONE r.timezone,
+       true, ca, ca
+FROM dining_tables AS t
+JOIN restaurants AS r ON r.id = t.restaurant_id
+CROSS JOIN generate_series(0, {ndays} - 1) AS d
+CROSS JOIN LATERAL (SELECT {first_date}::date + d AS sd) AS x
+CROSS JOIN LATERAL (SELECT least({anchor}::timestamptz,
+                                ((sd - 28) + time '09:00') AT TIME ZONE r.timezone) AS ca) AS y
+WHERE t.id BETWEEN {lo} AND {hi}
+"""
+
+_SQL_CUSTOMERS = (
+    """
+INSERT INTO customers (id, full_name, email, phone, marketing_opt_in, created_at, updated_at)
+SELECT g, fn || ' ' || ln,
+       CASE WHEN U(noemail, g) < 0.08 THEN NULL
+            ELSE lower(fn) || '.' || lower(ln) || g || '@' || """
+    + _DOMAINS
+    + """[1 + I(domain, g, 6)] END,
+       CASE WHEN U(nophone, g) < 0.15 THEN NULL
+            ELSE '+' || (ARRAY['1','44','33','49','81','61','55','91','39'])[1 + I(cc, g, 9)]
+                 || ' ' || (100000000 + I(phone, g, 899999999)) END,
+       U(optin, g) < 0.3, ca, ca
+FROM generate_series({lo}, {hi}) AS g
+CROSS JOIN LATERAL (SELECT """
+    + _FIRST
+    + """[1 + I(first, g, 40)] AS fn, """
+    + _LAST
+    + """[1 + I(last, g, 40)] AS ln,
+       {anchor}::timestamptz - I(ccreated, g, 2000000) * interval '1 minute' AS ca) AS n
+"""
+)
+
+# Bookings: one candidate per (table, day, seating), candidate c -> id c + 1.
+# The OFFSET 0 fences keep each derived value computed once per row.
+_SQL_BOOKINGS = (
+    """
+INSERT INTO bookings (id, restaurant_id, customer_id, slot_id, party_size, status,
+                      idempotency_key, starts_at, ends_at, notes, created_at, updated_at)
+SELECT c + 1, restaurant_id,
+       CASE WHEN U(walkin, c) < 0.05 THEN NULL ELSE 1 + I(cust, c, {ncust}) END,
+       ((restaurant_id - 1) * {ndays} + d) * 32 + slot_k + 1,
+       1 + I(party, c, capacity),
+       CASE WHEN cancelled THEN 'cancelled'
+            WHEN ends_at <= {anchor}::timestamptz
+                 THEN CASE WHEN U(st, c) < 0.04 THEN 'no_show' ELSE 'completed' END
+            WHEN starts_at <= {anchor}::timestamptz THEN 'seated'
+            WHEN U(st, c) < 0.12 THEN 'pending' ELSE 'confirmed' END,
+       CASE WHEN U(nokey, c) < 0.1 THEN NULL ELSE md5({keysalt} || c)::uuid::text END,
+       starts_at, ends_at,
+       CASE WHEN U(note, c) < 0.08 THEN """
+    + _NOTES
+    + """[1 + I(notetext, c, 10)] END,
+       created_at,
+       CASE WHEN NOT cancelled AND ends_at <= {anchor}::timestamptz THEN ends_at
+            ELSE created_at END
+FROM (
+    SELECT *, least({anchor}::timestamptz - I(lag, c, 30) * interval '1 minute',
+                    starts_at - (1 + I(lead, c, 720)) * interval '1 hour') AS created_at
+    FROM (
+        SELECT *, starts_at + dur * interval '1 minute' AS ends_at
+        FROM (
+            SELECT c, d, restaurant_id, capacity, u >= p AS cancelled,
+                   (sd + start_min * interval '1 minute') AT TIME ZONE tz AS starts_at,
+                   dur, slot_k
+            FROM (
+                SELECT c, d, s, sd, restaurant_id, capacity, tz, u, p,
+                       """
+    + _fill(_START_MIN, c="c", s="s")
+    + """ AS start_min,
+                       """
+    + _fill(_DURATION, c="c", s="s")
+    + """ AS dur,
+                       """
+    + _fill(_SLOT_K, c="c", s="s")
+    + """ AS slot_k
+                FROM (
+                    SELECT c, d, s, sd, restaurant_id, capacity, tz,
+                           U(book, c) AS u, """
+    + _P_ALLOC
+    + """ AS p
+                    FROM (
+                        SELECT ((t.id - 1) * {ndays} + d) * 3 + s AS c, d, s,
+                               {first_date}::date + d AS sd,
+                               t.restaurant_id, t.capacity, r.timezone AS tz
+                        FROM dining_tables AS t
+                        JOIN restaurants AS r ON r.id = t.restaurant_id
+                        CROSS JOIN generate_series(0, {ndays} - 1) AS d
+                        CROSS JOIN generate_series(0, 2) AS s
+                        WHERE t.id BETWEEN {lo} AND {hi}
+                    ) AS cand OFFSET 0
+                ) AS scored
+                WHERE u < p + 0.06 OFFSET 0
+            ) AS timed OFFSET 0
+        ) AS ended OFFSET 0
+    ) AS created OFFSET 0
+) AS b
+"""
+)
+
+# One allocation per booking that is not cancelled: same id, the candidate's
+# table, the booking's own time range.
+_SQL_ALLOCATIONS = """
+INSERT INTO allocations (id, booking_id, table_id, during, created_at, updated_at)
+SELECT b.id, b.id, (b.id - 1) / (3 * {ndays}) + 1, tstzrange(b.starts_at, b.ends_at, '[)'),
+       b.created_at, b.created_at
+FROM bookings AS b
+WHERE b.status <> 'cancelled' AND b.id BETWEEN {lo} AND {hi}
+"""
+
+# Slots every 15 minutes in lunch and dinner service; the cover counter is
+# what the app would have counted, the cap is the restaurant's seats.
+_SQL_SLOTS = """
+INSERT INTO booking_slots (id, restaurant_id, starts_at, covers_total, covers_booked,
+                           created_at, updated_at)
+SELECT ((r.id - 1) * {ndays} + d) * 32 + k + 1, r.id,
+       ({first_date}::date + d
+        + (CASE WHEN k < 11 THEN 690 + 15 * k ELSE 1020 + 15 * (k - 11) END)
+          * interval '1 minute') AT TIME ZONE r.timezone,
+       seats.total, coalesce(bk.covers, 0),
+       least({anchor}::timestamptz,
+             (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone),
+       least({anchor}::timestamptz,
+             (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone)
+FROM restaurants AS r
+JOIN (SELECT restaurant_id, sum(capacity)::int AS total FROM dining_tables GROUP BY 1) AS seats
+  ON seats.restaurant_id = r.id
+CROSS JOIN generate_series(0, {ndays} - 1) AS d
+CROSS JOIN generate_series(0, 31) AS k
+LEFT JOIN (SELECT slot_id, sum(party_size)::int AS covers FROM bookings
+           WHERE status <> 'cancelled' AND party_size IS NOT NULL GROUP BY slot_id) AS bk
+  ON bk.slot_id = ((r.id - 1) * {ndays} + d) * 32 + k + 1
+"""
+
+# Live holds: one per table at most (on a random sample of tables), a future
+# dinner, expiring at least LIVE_HOLD_MIN_LIFETIME after the anchor.
+_SQL_LIVE_HOLDS = """
+INSERT INTO table_hold_windows (id, table_id, customer_id, hold_token, during, expires_at,
+                                created_at, updated_at)
+SELECT t.rn, t.id, 1 + I(hcust, t.rn, {ncust}), md5({keysalt} || 'hold' || t.rn)::uuid,
+       tstzrange(x.s, x.s + interval '90 minutes', '[)'),
+       {anchor}::timestamptz + {min_life}::interval + I(hexp, t.rn, 1440) * interval '1 minute',
+       {anchor}::timestamptz - I(hcreated, t.rn, 15) * interval '1 minute',
+       {anchor}::timestamptz - I(hcreated, t.rn, 15) * interval '1 minute'
+FROM (SELECT dt.*, row_number() OVER (ORDER BY U(holdpick, dt.id), dt.id) AS rn
+      FROM dining_tables AS dt) AS t
+JOIN restaurants AS r ON r.id = t.restaurant_id
+CROSS JOIN LATERAL (
+    SELECT (({first_date}::date + {past} + 1 + I(hday, t.rn, 14)::int)
+            + (1140 + 15 * I(hmin, t.rn, 6)) * interval '1 minute') AT TIME ZONE r.timezone AS s
+) AS x
+WHERE t.rn <= {n}
+"""
+
+# Stale holds: expired, never purged; lunch windows (live holds are at
+# dinner), one per (table, day), so they overlap nothing at all.
+_SQL_STALE_HOLDS = """
+INSERT INTO table_hold_windows (id, table_id, customer_id, hold_token, during, expires_at,
+                                created_at, updated_at)
+SELECT {base} + j, t.id, 1 + I(scust, j, {ncust}), md5({keysalt} || 'stale' || j)::uuid,
+       tstzrange(x.s, x.s + interval '90 minutes', '[)'), x.e,
+       x.e - interval '10 minutes', x.e - interval '10 minutes'
+FROM generate_series(1, {n}) AS j
+JOIN (SELECT dt.*, row_number() OVER (ORDER BY U(stalepick, dt.id), dt.id) AS rn
+      FROM dining_tables AS dt) AS t ON t.rn = (j - 1) % {ntables} + 1
+JOIN restaurants AS r ON r.id = t.restaurant_id
+CROSS JOIN LATERAL (
+    SELECT (({first_date}::date + {past} - 20 + ((j - 1) / {ntables})::int)
+            + (720 + 15 * I(smin, j, 4)) * interval '1 minute') AT TIME ZONE r.timezone AS s,
+           {anchor}::timestamptz - (5 + I(sexp, j, 43200)) * interval '1 minute' AS e
+) AS x
+"""
+
+
+def _load_clean(loader: _Loader) -> dict[str, int]:
+    plan = loader.plan
+    conn = loader.conn
+    rows: dict[str, int] = {}
+    rows["restaurants"] = loader.run("restaurants", _SQL_RESTAURANTS)
+    rows["dining_tables"] = loader.run("dining_tables", _SQL_TABLES)
+    plan.tables = rows["dining_tables"]
+    plan.bookings_grid = plan.tables * plan.days * SEATINGS
+    rows["table_inventory"] = loader.chunked(
+        "table_inventory", _SQL_INVENTORY, plan.tables, plan.days
+    )
+    rows["customers"] = loader.chunked("customers", _SQL_CUSTOMERS, plan.customers, 1)
+    per_table = _expected_bookings_per_table(plan)
+    rows["bookings"] = loader.chunked("bookings", _SQL_BOOKINGS, plan.tables, per_table)
+    rows["allocations"] = loader.chunked(
+        "allocations", _SQL_ALLOCATIONS, plan.bookings_grid, per_table / (plan.days * SEATINGS)
+    )
+    live = math.ceil(LIVE_HOLDS_PER_TABLE * plan.tables)
+    rows["table_hold_windows"] = loader.run(
+        "table_hold_windows",
+        _SQL_LIVE_HOLDS,
+        n=live,
+        min_life=LIVE_HOLD_MIN_LIFETIME,
+    )
+    del conn
+    return rows
+
+
+def _count(rate: float, base: int) -> int:
+    return 0 if rate <= 0 or base <= 0 else max(1, round(rate * base))
+
+
+def _plant_dirt(loader: _Loader, rates: Mapping[str, float], clean: dict[str, int]) -> dict:
+    plan = loader.plan
+    dirt: dict[str, int] = {}
+    live_holds = clean["table_hold_windows"]
+    grid = plan.bookings_grid
+    inv_base = plan.tables * plan.days
+
+    # Holds first: ids above the live ones. Stale (expired) holds, then the
+    # NULL-expiry and overlapping ones.
+    n = _count(rates["expired_hold"], live_holds)
+    dirt["expired_hold"] = (
+        loader.run("table_hold_windows", _SQL_STALE_HOLDS, n=n, base=live_holds) if n else 0
+    )
+    hold_base = live_holds + dirt["expired_hold"]
+    n = _count(rates["null_hold_expiry"], live_holds)
+    dirt["null_hold_expiry"] = (
+        loader.run("table_hold_windows", _SQL_NULL_EXPIRY, n=n, base=hold_base) if n else 0
+    )
+    hold_base += dirt["null_hold_expiry"]
+    n = _count(rates["overlapping_hold"], live_holds)
+    dirt["overlapping_hold"] = (
+        loader.run(
+            "table_hold_windows",
+            _SQL_OVERLAPPING_HOLDS,
+            n=n,
+            base=hold_base,
+            live=live_holds,
+            min_life=LIVE_HOLD_MIN_LIFETIME,
+        )
+        if n
+        else 0
+    )
+
+    # Double bookings: a second, valid booking with the same table and time
+    # as a clean allocation. The booking is clean, its allocation is the dirt.
+    n = _count(rates["overlapping_allocation"], clean["allocations"])
+    doubles = 0
+    if n:
+        loader.conn.execute(
+            _expand(
+                "CREATE TEMP TABLE harness_victims ON COMMIT DROP AS"
+                " SELECT row_number() OVER (ORDER BY U(victim, a.id), a.id) AS k, a.*"
+                " FROM allocations AS a ORDER BY U(victim, a.id), a.id LIMIT {n}",
+                plan.seed,
+                n=n,
+            )
+        )
+        loader.run("bookings", _SQL_DOUBLE_BOOKINGS, base=grid)
+        doubles = loader.run("allocations", _SQL_DOUBLE_ALLOCATIONS, base=grid)
+    dirt["overlapping_allocation"] = doubles
+    booking_base = grid + doubles
+    alloc_base = grid + doubles
+
+    n = _count(rates["null_party_size"], clean["bookings"])
+    dirt["null_party_size"] = (
+        loader.run("bookings", _SQL_NULL_PARTY, n=n, base=booking_base) if n else 0
+    )
+    booking_base += dirt["null_party_size"]
+    n = _count(rates["duplicate_idempotency_key"], clean["bookings"])
+    dirt["duplicate_idempotency_key"] = (
+        loader.run("bookings", _SQL_DUPLICATE_KEYS, n=n, base=booking_base) if n else 0
+    )
+
+    n = _count(rates["orphan_allocation"], clean["allocations"])
+    dirt["orphan_allocation"] = (
+        loader.run("allocations", _SQL_ORPHANS, n=n, base=alloc_base, tries=20 * n + 100)
+        if n
+        else 0
+    )
+
+    n = _count(rates["inventory_table_other_restaurant"], clean["table_inventory"])
+    dirt["inventory_table_other_restaurant"] = (
+        loader.run("table_inventory", _SQL_OTHER_RESTAURANT_INVENTORY, n=n, base=inv_base)
+        if n
+        else 0
+    )
+    # Slots last: their cover counters count every booking, planted ones too.
+    loader.run("booking_slots", _SQL_SLOTS)
+    return {kind: dirt.get(kind, 0) for kind in DIRT_KINDS}
+
+
+# NULL expiry: breakfast windows (no clean row is there), one per (table, day).
+_SQL_NULL_EXPIRY = """
+INSERT INTO table_hold_windows (id, table_id, customer_id, hold_token, during, expires_at,
+                                created_at, updated_at)
+SELECT {base} + j, t.id, 1 + I(ncust_h, j, {ncust}), md5({keysalt} || 'nullexp' || j)::uuid,
+       tstzrange(x.s, x.s + interval '60 minutes', '[)'), NULL,
+       {anchor}::timestamptz - I(ncreated, j, 600) * interval '1 minute',
+       {anchor}::timestamptz - I(ncreated, j, 600) * interval '1 minute'
+FROM generate_series(1, {n}) AS j
+JOIN (SELECT dt.*, row_number() OVER (ORDER BY U(nullpick, dt.id), dt.id) AS rn
+      FROM dining_tables AS dt) AS t ON t.rn = (j - 1) % {ntables} + 1
+JOIN restaurants AS r ON r.id = t.restaurant_id
+CROSS JOIN LATERAL (
+    SELECT (({first_date}::date + {past} + 1 + ((j - 1) / {ntables})::int) + time '08:00')
+           AT TIME ZONE r.timezone AS s
+) AS x
+"""
+
+# Overlapping holds: the same table and window as a live hold (a race two
+# requests both won), unexpired, with a non-NULL expiry.
+_SQL_OVERLAPPING_HOLDS = """
+INSERT INTO table_hold_windows (id, table_id, customer_id, hold_token, during, expires_at,
+                                created_at, updated_at)
+SELECT {base} + j, h.table_id, 1 + I(ocust, j, {ncust}), md5({keysalt} || 'overhold' || j)::uuid,
+       h.during,
+       {anchor}::timestamptz + {min_life}::interval + I(oexp, j, 1440) * interval '1 minute',
+       h.created_at + interval '1 second', h.created_at + interval '1 second'
+FROM generate_series(1, {n}) AS j
+JOIN table_hold_windows AS h ON h.id = (j - 1) % {live} + 1
+"""
+
+_SQL_DOUBLE_BOOKINGS = """
+INSERT INTO bookings (id, restaurant_id, customer_id, slot_id, party_size, status,
+                      idempotency_key, starts_at, ends_at, notes, created_at, updated_at)
+SELECT {base} + v.k, b.restaurant_id, 1 + I(dcust, v.k, {ncust}), b.slot_id,
+       1 + I(dparty, v.k, 2), b.status, md5({keysalt} || 'double' || v.k)::uuid::text,
+       b.starts_at, b.ends_at, NULL, b.created_at + interval '1 second',
+       b.updated_at + interval '1 second'
+FROM harness_victims AS v JOIN bookings AS b ON b.id = v.booking_id
+"""
+
+_SQL_DOUBLE_ALLOCATIONS = """
+INSERT INTO allocations (id, booking_id, table_id, during, created_at, updated_at)
+SELECT {base} + v.k, {base} + v.k, v.table_id, v.during,
+       v.created_at + interval '1 second', v.updated_at + interval '1 second'
+FROM harness_victims AS v
+"""
+
+# NULL party size: a pending booking copied from a clean one, own key, no table.
+_SQL_NULL_PARTY = """
+INSERT INTO bookings (id, restaurant_id, customer_id, slot_id, party_size, status,
+                      idempotency_key, starts_at, ends_at, notes, created_at, updated_at)
+SELECT {base} + k, b.restaurant_id, b.customer_id, b.slot_id, NULL, 'pending',
+       md5({keysalt} || 'nullparty' || k)::uuid::text, b.starts_at, b.ends_at, NULL,
+       b.created_at, b.created_at
+FROM (SELECT id, row_number() OVER (ORDER BY U(nppick, id), id) AS k FROM bookings
+      WHERE id <= {grid} ORDER BY U(nppick, id), id LIMIT {n}) AS pick
+JOIN bookings AS b ON b.id = pick.id
+"""
+
+# A client retry that created the booking twice: same key, a second later.
+_SQL_DUPLICATE_KEYS = """
+INSERT INTO bookings (id, restaurant_id, customer_id, slot_id, party_size, status,
+                      idempotency_key, starts_at, ends_at, notes, created_at, updated_at)
+SELECT {base} + k, b.restaurant_id, b.customer_id, b.slot_id, b.party_size, b.status,
+       b.idempotency_key, b.starts_at, b.ends_at, b.notes,
+       b.created_at + interval '2 seconds', b.updated_at + interval '2 seconds'
+FROM (SELECT id, row_number() OVER (ORDER BY U(duppick, id), id) AS k FROM bookings
+      WHERE id <= {grid} AND idempotency_key IS NOT NULL
+      ORDER BY U(duppick, id), id LIMIT {n}) AS pick
+JOIN bookings AS b ON b.id = pick.id
+"""
+
+# Orphans: the allocation of a booking that was deleted without it. The
+# booking id is a candidate that was never booked (a gap below the clean
+# ids, so no new booking can ever take it), and the allocation keeps that
+# candidate's own table and time, where no clean allocation is.
+_SQL_ORPHANS = (
+    """
+INSERT INTO allocations (id, booking_id, table_id, during, created_at, updated_at)
+SELECT {base} + row_number() OVER (ORDER BY first_try), c + 1, c / (3 * {ndays}) + 1,
+       tstzrange(x.s, x.s + """
+    + _fill(_DURATION, c="c", s="(c % 3)")
+    + """ * interval '1 minute', '[)'),
+       least({anchor}::timestamptz, x.s) - interval '3 days',
+       least({anchor}::timestamptz, x.s) - interval '3 days'
+FROM (
+    SELECT c, min(j) AS first_try
+    FROM (SELECT j, I(orphan, j, {grid}) AS c FROM generate_series(1, {tries}) AS j) AS t
+    WHERE NOT EXISTS (SELECT 1 FROM bookings AS b WHERE b.id = t.c + 1)
+    GROUP BY c ORDER BY min(j) LIMIT {n}
+) AS gap
+JOIN dining_tables AS dt ON dt.id = gap.c / (3 * {ndays}) + 1
+JOIN restaurants AS r ON r.id = dt.restaurant_id
+CROSS JOIN LATERAL (
+    SELECT (({first_date}::date + ((gap.c / 3) % {ndays})::int) + """
+    + _fill(_START_MIN, c="gap.c", s="(gap.c % 3)")
+    + """ * interval '1 minute') AT TIME ZONE r.timezone AS s
+) AS x
+"""
+)
+
+# Inventory naming a table of another restaurant (the next restaurant's id).
+_SQL_OTHER_RESTAURANT_INVENTORY = """
+INSERT INTO table_inventory (id, restaurant_id, table_id, service_date, opens_at, closes_at,
+                             is_bookable, created_at, updated_at)
+SELECT {base} + j, t.restaurant_id % {nrest} + 1, t.id, x.sd,
+       (x.sd + time '11:00') AT TIME ZONE r.timezone,
+       (x.sd + time '23:45') AT TIME ZONE r.timezone,
+       true, {anchor}::timestamptz - interval '1 day', {anchor}::timestamptz - interval '1 day'
+FROM generate_series(1, {n}) AS j
+JOIN (SELECT dt.*, row_number() OVER (ORDER BY U(invpick, dt.id), dt.id) AS rn
+      FROM dining_tables AS dt) AS t ON t.rn = (j - 1) % {ntables} + 1
+JOIN restaurants AS r ON r.id = t.restaurant_id
+CROSS JOIN LATERAL (SELECT {first_date}::date + I(invday, j, {ndays})::int AS sd) AS x
+"""
+
+
+def _finish_tables(conn: psycopg.Connection) -> None:
+    # Explicit ids bypass the identity sequences: move each one past the
+    # highest id so that the app's (and the load test's) inserts do not collide.
+    for table in APP_TABLES:
+        conn.execute(
+            sql.SQL(
+                "SELECT setval(pg_get_serial_sequence({name}, 'id'),"
+                " coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+            ).format(name=sql.Literal(f"public.{table}"), table=sql.Identifier(table))
+        )
+
+
+def _row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    counts = {}
+    for table in APP_TABLES:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+        ).fetchone()
+        counts[table] = int(row[0])
+    return counts
+
+
+# --------------------------------------------------------------------------
+# Manifest
+
+
+_MANIFEST_DDL = """
+CREATE SCHEMA IF NOT EXISTS harness;
+CREATE TABLE IF NOT EXISTS harness.snapshot_manifest (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    manifest    jsonb NOT NULL
+);
+"""
+
+
+def write_manifest_row(conn: psycopg.Connection, manifest: Mapping[str, Any]) -> None:
+    """Replace the manifest row (in the caller's transaction: it commits with the data)."""
+    conn.execute(_MANIFEST_DDL)
+    # One row: the manifest describes the data now in the database, and the
+    # data of an earlier snapshot is gone.
+    conn.execute("DELETE FROM harness.snapshot_manifest")
+    conn.execute(
+        "INSERT INTO harness.snapshot_manifest (kind, manifest) VALUES (%s, %s)",
+        (manifest["kind"], Jsonb(dict(manifest))),
+    )
+
+
+def _write_manifest_file(manifest: Mapping[str, Any], settings: ProvisionSettings) -> Path | None:
+    path = settings.manifest_path
+    if path is None and settings.run_dir is not None:
+        path = Path(settings.run_dir) / MANIFEST_FILE
+    if path is None:
+        return None
+    write_json(path, dict(manifest))
+    return path
+
+
+@contextmanager
+def rich_progress() -> Iterator[ProgressFn]:
+    """A rich progress bar (rows, rows/s, step) as a :data:`ProgressFn` (on stderr)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    class RowsPerSecond(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task):  # type: ignore[no-untyped-def]
+            from rich.text import Text
+
+            rate = task.completed / task.elapsed if task.elapsed else 0
+            return Text(f"{rate:,.0f} rows/s")
+
+    bar = Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RowsPerSecond(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    lock = threading.Lock()
+    with bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(step: str, done: int, total: int) -> None:
+            with lock:
+                bar.update(task, description=step, completed=done, total=max(total, done))
+
+        yield update
+
+
+def result_summary(result: ProvisionResult) -> dict[str, Any]:
+    """A JSON-ready view of a result (for the report and ``--json``)."""
+    data = asdict(result)
+    data["manifest_path"] = str(result.manifest_path) if result.manifest_path else None
+    return data
+
+
+__all__ = [
+    "APP_TABLES",
+    "DEFAULT_DIRT_RATES",
+    "DIRT_KINDS",
+    "ProvisionResult",
+    "ProvisionSettings",
+    "dirt_rates_from",
+    "ensure_baseline",
+    "expected_quarantine",
+    "provision",
+    "read_manifest",
+    "write_manifest_row",
+]
