@@ -364,6 +364,18 @@ def test_not_measured_can_be_tolerated(tmp_path: Path) -> None:
     assert cases["p95_regression[create_booking]"].find("skipped") is not None
 
 
+def test_empty_samples_file_is_a_phase_without_requests(tmp_path: Path) -> None:
+    from harness.samples import SampleStore, write_samples
+
+    run_dir = standard_run(tmp_path / "run", n=300)
+    write_samples(run_dir / samples_file("post"), SampleStore())
+    result = build_report(ReportSettings(run_dir=run_dir))  # charts too
+    gates = {g.name: g for g in result.gates}
+    assert gates["unexpected_errors"].status == "not_measured"
+    assert "fewer than 50" in gates["p95_regression[create_booking]"].detail
+    assert _strict_json(result.summary_json)["phases"]["post"]["present"] is True
+
+
 def test_only_some_files_present(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
