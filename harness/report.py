@@ -1682,7 +1682,9 @@ def _junit(gates: Sequence[GateResult], summary: Mapping[str, Any], seconds: flo
         if gate.detail:
             text += f"\n{gate.detail}"
         if not gate.passed:
-            message = f"{gate.status}: {gate.measured} (threshold {gate.threshold})"
+            message = f"{gate.title}: {gate.measured} (threshold {gate.threshold})"
+            if gate.status is GateStatus.NOT_MEASURED:
+                message = f"{gate.title}: not measured ({gate.detail})"
             ET.SubElement(case, "failure", message=message, type=str(gate.status)).text = text
         elif gate.status is GateStatus.NOT_MEASURED:
             ET.SubElement(case, "skipped", message=gate.detail or "not measured")

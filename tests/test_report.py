@@ -159,7 +159,8 @@ def test_p95_regression_fails_the_gate_and_junit_says_so(tmp_path: Path) -> None
     assert summary["comparison"]["p95"]["create_booking"]["ci_low_ms"] > 0
     cases = _junit_cases(run_dir / "junit.xml")
     failure = cases["p95_regression[create_booking]"].find("failure")
-    assert failure is not None and "fail" in failure.get("message")
+    assert failure is not None and failure.get("type") == "fail"
+    assert "create_booking" in failure.get("message")
     assert cases["no_double_booking"].find("failure") is None
     root = ET.parse(run_dir / "junit.xml").getroot()
     assert int(root.find("testsuite").get("failures")) >= 3
@@ -350,7 +351,9 @@ def test_missing_phase_is_marked_not_run(tmp_path: Path) -> None:
     page = result.report_html.read_text()
     assert "pre: not run" in page and "samples-pre.parquet not found" in page
     cases = _junit_cases(result.junit_xml)
-    assert cases["p95_regression[place_hold]"].find("failure") is not None
+    failure = cases["p95_regression[place_hold]"].find("failure")
+    assert failure is not None and failure.get("type") == "not_measured"
+    assert "not measured (no pre samples)" in failure.get("message")
 
 
 def test_not_measured_can_be_tolerated(tmp_path: Path) -> None:
