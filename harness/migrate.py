@@ -556,13 +556,30 @@ def _run_statements(conn: psycopg.Connection, statements: list[Statement]) -> No
             raise _Failure(exc, _error_line(statement, exc)) from exc
 
 
-def _parse(path: Path, text: str) -> list[Statement]:
+_TRANSACTION_CONTROL = re.compile(
+    r"^(BEGIN|COMMIT|ROLLBACK|END|ABORT|START\s+TRANSACTION)\b", re.IGNORECASE
+)
+
+
+def _parse(path: Path, text: str, mode: FileMode = FileMode.TRANSACTION) -> list[Statement]:
     try:
-        return split_statements(text)
+        statements = split_statements(text)
     except SplitError as exc:
         raise MigrationError(
             f"{path.name} line {exc.line}: {exc}", file=path.name, line=exc.line
         ) from None
+    if mode is FileMode.TRANSACTION:
+        # The runner owns the transaction: a COMMIT in the file would commit
+        # half of it without its ledger row.
+        for statement in statements:
+            match = _TRANSACTION_CONTROL.match(statement.text)
+            if match:
+                raise ConfigError(
+                    f"{path.name} line {statement.line}: {match[1].upper()} in a file the"
+                    " runner wraps in one transaction",
+                    hint="remove it, or make the first line '-- harness: no-transaction'",
+                )
+    return statements
 
 
 def _set_timeouts(conn: psycopg.Connection, lock: str, statement: str, *, local: bool) -> None:
@@ -649,12 +666,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _failure_hint(outcome: Outcome, mode: FileMode) -> str:
+def _failure_hint(exc: psycopg.Error, mode: FileMode) -> str:
+    outcome = classify(exc).outcome
     state = (
         "the file was rolled back: the database is as it was before it"
         if mode is FileMode.TRANSACTION
         else "statements before it stay applied; the file is idempotent, a rerun finishes it"
     )
+    if isinstance(exc, psycopg.errors.ActiveSqlTransaction) and mode is FileMode.TRANSACTION:
+        return (
+            f"{state}; that statement cannot run in a transaction:"
+            f" make the file's first line '{NO_TRANSACTION_MARKER}'"
+        )
     if outcome is Outcome.LOCK_NOT_AVAILABLE:
         return (
             f"{state}; another session holds a lock it needs:"
@@ -674,7 +697,7 @@ def _apply_file(
     text, digest = _read(f.path)
     if digest != f.sha256:
         raise MigrationError(f"{f.name} changed while the runner was planning; rerun")
-    statements = _parse(f.path, text)
+    statements = _parse(f.path, text, f.mode)
     _emit(on_event, MigrationEvent(kind="start", file=f.name, mode=str(f.mode)))
     log.info("applying %s (%s, %d statements)", f.name, f.mode, len(statements))
     started, clock = _now(), time.perf_counter()
@@ -700,10 +723,9 @@ def _apply_file(
                 detail=failed.error,
             ),
         )
-        outcome = classify(failure.exc).outcome
         error = MigrationError(
             f"{f.name} line {failure.line}: {failed.error}",
-            hint=_failure_hint(outcome, f.mode),
+            hint=_failure_hint(failure.exc, f.mode),
             file=f.name,
             line=failure.line,
             sqlstate=failure.exc.sqlstate,
@@ -836,6 +858,8 @@ def migrate(
     if not settings.include_baseline:
         files = [f for f in files if f.number != 0]
     files = _select_until(files, settings.to)
+    for f in files:  # a file that cannot be split or run is refused before anything runs
+        _parse(f.path, _read(f.path)[0], f.mode)
     with target.connect(autocommit=True) as conn:
         _check_timeouts(conn, settings.lock_timeout, settings.statement_timeout)
         if settings.dry_run:
@@ -957,7 +981,7 @@ def rollback(target: Target, settings: RollbackSettings) -> RollbackResult:
             failed = _record_failure(conn, rollback_file, started, t0, failure)
             raise MigrationError(
                 f"{settings.file} line {failure.line}: {failed.error}",
-                hint=_failure_hint(classify(failure.exc).outcome, FileMode.TRANSACTION),
+                hint=_failure_hint(failure.exc, FileMode.TRANSACTION),
                 file=settings.file,
                 line=failure.line,
                 sqlstate=failure.exc.sqlstate,

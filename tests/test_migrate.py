@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -352,6 +353,43 @@ def test_bad_layout_and_bad_timeout_are_refused_before_touching_the_database(fre
         migrate(target, MigrateSettings(sql_dir=good, lock_timeout="5 parsecs"))
     with target.connect() as conn:
         assert conn.execute("SELECT to_regnamespace('harness')").fetchone() == (None,)
+
+
+def test_transaction_control_in_a_transactional_file_is_refused_before_anything_runs(
+    fresh_db, tmp_path
+):
+    folder = write(
+        tmp_path / "sql",
+        {"001_widgets.sql": GOOD_001, "002_commit.sql": "SELECT 1;\n\ncommit;\n"},
+    )
+    target = target_for(fresh_db)
+    with pytest.raises(ConfigError, match="002_commit.sql line 3: COMMIT"):
+        migrate(target, MigrateSettings(sql_dir=folder))
+    with target.connect() as conn:
+        assert conn.execute("SELECT to_regclass('widgets')").fetchone() == (None,)
+
+
+def test_concurrent_index_in_a_transactional_file_fails_with_a_hint(fresh_db, tmp_path):
+    folder = write(
+        tmp_path / "sql",
+        {
+            "001_widgets.sql": GOOD_001,
+            "002_cic.sql": "CREATE INDEX CONCURRENTLY widgets_name_idx ON widgets (name);\n",
+        },
+    )
+    target = target_for(fresh_db)
+    with pytest.raises(MigrationError, match="harness: no-transaction") as err:
+        migrate(target, MigrateSettings(sql_dir=folder))
+    assert (err.value.file, err.value.line, err.value.sqlstate) == ("002_cic.sql", 1, "25001")
+
+
+def test_a_transaction_pooler_target_runs_the_migrations(fresh_db):
+    """Behind a pooler: no prepared statements, no session advisory lock."""
+    target = dataclasses.replace(target_for(fresh_db), pooled=True)
+    assert target.connect_kwargs()["prepare_threshold"] is None
+    result = migrate(target, MigrateSettings(sql_dir=SQL_DIR))
+    assert [e.file for e in result.applied] == REAL_FILES
+    assert rollback(target, RollbackSettings(sql_dir=SQL_DIR)).rolled_back == REAL_FILES[1:]
 
 
 # --------------------------------------------------------------------------
