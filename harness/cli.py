@@ -24,6 +24,7 @@ from harness.target import Target, TargetSettings, open_target, resolve_url, scr
 
 if TYPE_CHECKING:
     from harness.migrate import MigrationEvent
+    from harness.rehearse import RehearseSettings
     from harness.validate import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -602,6 +603,160 @@ def cmd_lint(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus
 
 
 # --------------------------------------------------------------------------
+# harness rehearse
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``2m``, ``1h`` -> seconds (> 0)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    factor = units.get(raw[-1:])
+    number = raw[:-1] if factor is not None else raw
+    try:
+        value = float(number) * (factor or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30s, 2m, 1h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text}")
+    return value
+
+
+def _add_rehearse_options(p: argparse.ArgumentParser) -> None:
+    from harness.rehearse import SKIPPABLE
+
+    p.add_argument(
+        "--reports-dir",
+        type=Path,
+        default=DEFAULT_REPORTS_DIR,
+        metavar="DIR",
+        help="where run folders go; reports/latest points at the newest (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sql-dir",
+        type=Path,
+        default=DEFAULT_SQL_DIR,
+        metavar="DIR",
+        help="migration files to rehearse (default: the repository's sql/)",
+    )
+    p.add_argument("--scale", type=_positive_int, default=1, help="snapshot size (default: 1)")
+    p.add_argument("--seed", type=int, default=1, help="snapshot seed (default: 1)")
+    p.add_argument("--users", type=_positive_int, default=20, help="Locust users (default: 20)")
+    p.add_argument(
+        "--spawn-rate", type=_positive_float, metavar="N", help="users started per second"
+    )
+    p.add_argument(
+        "--duration",
+        type=_duration,
+        metavar="DURATION",
+        help="length of each load phase, e.g. 30s or 2m (default: 30s)",
+    )
+    p.add_argument("--pre-duration", type=_duration, metavar="DURATION", help="pre phase only")
+    p.add_argument("--post-duration", type=_duration, metavar="DURATION", help="post phase only")
+    p.add_argument("--hot-tables", type=_positive_int, metavar="N", help="tables aimed at")
+    p.add_argument("--hot-windows", type=_positive_int, metavar="N", help="time windows aimed at")
+    p.add_argument(
+        "--hot-fraction", type=float, metavar="F", help="share of requests aimed at them (0..1)"
+    )
+    p.add_argument(
+        "--retry-fraction", type=float, metavar="F", help="share of creates that are retries"
+    )
+    p.add_argument(
+        "--think-time", type=float, metavar="SECONDS", help="mean pause between requests"
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="skip a stage (repeatable, or comma-separated): " + ", ".join(sorted(SKIPPABLE)),
+    )
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="run 001-004 while the load keeps going and record which writers they blocked",
+    )
+    p.add_argument("--gates", type=Path, metavar="FILE", help="gates TOML (default: built in)")
+    p.add_argument("--lock-timeout", default="5s", metavar="DURATION", help="for migrations")
+    p.add_argument(
+        "--statement-timeout", default="15min", metavar="DURATION", help="for migrations"
+    )
+    p.add_argument(
+        "--yes-destroy-target-data",
+        action="store_true",
+        help="allow replacing the data of a URL target (the embedded one needs no flag)",
+    )
+    p.add_argument(
+        "--allow-production-target",
+        action="store_true",
+        help="allow a target whose host or name looks like production (with the flag above)",
+    )
+    p.add_argument("--no-charts", action="store_true", help="leave charts out of the report")
+
+
+def rehearse_settings_from(args: argparse.Namespace, **labels: object) -> RehearseSettings:
+    from harness.load import Contention
+    from harness.rehearse import RehearseSettings
+
+    knobs = {
+        name: getattr(args, name)
+        for name in ("hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time")
+        if getattr(args, name, None) is not None
+    }
+    skip = frozenset(part.strip() for item in args.skip for part in item.split(",") if part.strip())
+    duration = args.duration or 30.0
+    return RehearseSettings(
+        reports_dir=args.reports_dir,
+        sql_dir=args.sql_dir,
+        scale=args.scale,
+        seed=args.seed,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        pre_duration_s=args.pre_duration or duration,
+        post_duration_s=args.post_duration or duration,
+        contention=Contention(**knobs),
+        skip=skip,
+        online=args.online,
+        lock_timeout=args.lock_timeout,
+        statement_timeout=args.statement_timeout,
+        gates_file=args.gates,
+        yes_destroy_target_data=args.yes_destroy_target_data,
+        allow_production=args.allow_production_target,
+        charts=not args.no_charts,
+        labels=dict(labels),
+    )
+
+
+def _add_rehearse(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "rehearse",
+        parents=parents,
+        help="the whole dress rehearsal: provision, lint, load, migrate, validate, rollback,"
+        " report",
+        description="The runbook's staging dress rehearsal end to end: provision -> lint ->"
+        " load pre (lax) -> migrate 001-004 -> validate -> load post (strict) -> rollback drill"
+        " -> report. Each run gets its own folder under --reports-dir. Exit 0 pass, 1 a gate"
+        " failed, 2 a stage failed (the report still names it), 130 interrupted.",
+    )
+    _add_rehearse_options(p)
+    p.set_defaults(func=cmd_rehearse)
+
+
+def cmd_rehearse(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.rehearse import rehearse
+
+    settings = rehearse_settings_from(args)
+    target = _open(args, environ)
+    result = rehearse(target, settings, out=lambda line: print(line, flush=True))
+    print(f"run folder: {result.run_dir}")
+    if result.report_html:
+        print(f"report:     {result.report_html}")
+    if result.failed_stage:
+        print(f"stage {result.failed_stage} {result.status}: {result.error}", file=sys.stderr)
+    print(f"verdict:    {result.verdict or 'no report'} ({result.status})")
+    return result.exit_status
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
@@ -613,6 +768,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_rollback,
     _add_lint,
     _add_provision,
+    _add_rehearse,
 ]
 
 
