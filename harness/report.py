@@ -126,6 +126,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FORMAT_VERSION = 1
 
+# The load users' operation names (harness.load's Operation), repeated here so
+# that building a report never imports Locust and its gevent monkey-patching.
 OPERATIONS: tuple[str, ...] = (
     "create_booking",
     "update_booking",
@@ -1370,11 +1372,18 @@ def build_report(settings: ReportSettings) -> ReportResult:
         "junit": run_dir / JUNIT_FILE,
         "mapping": run_dir / ERROR_MAPPING_FILE,
     }
-    page = _render_html(summary, run, latency, outcomes, charts)
-    atomic_write_bytes(paths["html"], page.encode("utf-8"))
-    write_json(paths["summary"], summary)
-    write_json(paths["mapping"], mapping)
-    atomic_write_bytes(paths["junit"], _junit(gate_results, summary, time.perf_counter() - started))
+    page = _render_html(summary, latency, outcomes, charts)
+    try:
+        atomic_write_bytes(paths["html"], page.encode("utf-8"))
+        write_json(paths["summary"], summary)
+        write_json(paths["mapping"], mapping)
+        junit = _junit(gate_results, summary, time.perf_counter() - started)
+        atomic_write_bytes(paths["junit"], junit)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the report into {run_dir}: {exc.strerror or exc}",
+            hint="fix the folder's permissions or free some disk space",
+        ) from None
     seconds = time.perf_counter() - started
     log.info("report: %s written in %.2fs, verdict %s", paths["html"], seconds, verdict)
     return ReportResult(
@@ -1766,7 +1775,6 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 def _render_html(
     summary: Mapping[str, Any],
-    run: _RunInput,
     latency: Mapping[str, pd.DataFrame],
     outcomes: Mapping[str, pd.DataFrame],
     charts: Sequence[tuple[str, str, str]],
@@ -1777,7 +1785,7 @@ def _render_html(
         _html_run(summary),
         _html_phases(summary, latency, outcomes),
         _html_comparison(summary),
-        _html_integrity(summary, run),
+        _html_integrity(summary),
         _html_app(summary),
         _html_migrations(summary),
         _html_charts(charts, present=bool(latency)),
@@ -2027,7 +2035,7 @@ def _html_comparison(summary: Mapping[str, Any]) -> str:
     return _section("comparison", "Pre versus post migration", body)
 
 
-def _html_integrity(summary: Mapping[str, Any], run: _RunInput) -> str:
+def _html_integrity(summary: Mapping[str, Any]) -> str:
     integ = summary["integrity"]
     val = integ["validation"]
     validated = val.get("invariants") if val is not None else None

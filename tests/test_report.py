@@ -430,6 +430,15 @@ def test_not_a_run_folder(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_unwritable_report_is_one_line(tmp_path: Path, capsys) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    # a folder where the page should go: the rename fails, even for root
+    (run_dir / "report.html").mkdir()
+    assert main(["report", str(run_dir), "--no-charts"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report into" in err and "Traceback" not in err
+
+
 def test_unknown_files_are_ignored(tmp_path: Path) -> None:
     run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": {"whatever": [1]}})
     (run_dir / "notes.txt").write_text("hello")
