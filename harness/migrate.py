@@ -547,13 +547,22 @@ def _error_line(statement: Statement, exc: psycopg.Error) -> int:
     return statement.line
 
 
-def _run_statements(conn: psycopg.Connection, statements: list[Statement]) -> None:
+# Statements slower than this are logged with their line: on a big snapshot
+# they are the ones that hold locks long enough to matter.
+SLOW_STATEMENT_S = 1.0
+
+
+def _run_statements(conn: psycopg.Connection, statements: list[Statement], file: str) -> None:
     for statement in statements:
+        started = time.perf_counter()
         try:
             # No parameters: psycopg sends it with the simple query protocol.
             conn.execute(statement.text)  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise _Failure(exc, _error_line(statement, exc)) from exc
+        elapsed = time.perf_counter() - started
+        if elapsed >= SLOW_STATEMENT_S:
+            log.info("%s line %d took %.2f s", file, statement.line, elapsed)
 
 
 _TRANSACTION_CONTROL = re.compile(
@@ -639,7 +648,7 @@ def _drop_invalid_index(conn: psycopg.Connection, name: str) -> bool:
 
 
 def _run_no_transaction(
-    conn: psycopg.Connection, statements: list[Statement], settings: MigrateSettings
+    conn: psycopg.Connection, statements: list[Statement], settings: MigrateSettings, file: str
 ) -> None:
     _set_timeouts(conn, settings.lock_timeout, settings.statement_timeout, local=False)
     try:
@@ -648,7 +657,7 @@ def _run_no_transaction(
             if index:
                 _drop_invalid_index(conn, index)
             try:
-                _run_statements(conn, [statement])
+                _run_statements(conn, [statement], file)
             except _Failure:
                 if index:
                     try:
@@ -705,10 +714,10 @@ def _apply_file(
         if f.mode is FileMode.TRANSACTION:
             with conn.transaction():
                 _set_timeouts(conn, settings.lock_timeout, settings.statement_timeout, local=True)
-                _run_statements(conn, statements)
+                _run_statements(conn, statements, f.name)
                 entry = _insert(conn, _entry(f, LedgerOutcome.APPLIED, started, clock))
         else:
-            _run_no_transaction(conn, statements, settings)
+            _run_no_transaction(conn, statements, settings, f.name)
             with conn.transaction():
                 entry = _insert(conn, _entry(f, LedgerOutcome.APPLIED, started, clock))
     except _Failure as failure:
@@ -959,7 +968,7 @@ def rollback(target: Target, settings: RollbackSettings) -> RollbackResult:
         try:
             with conn.transaction():
                 _set_timeouts(conn, settings.lock_timeout, settings.statement_timeout, local=True)
-                _run_statements(conn, statements)
+                _run_statements(conn, statements, settings.file)
                 entry = _insert(conn, _entry(rollback_file, LedgerOutcome.APPLIED, started, t0))
                 finished = entry.finished_at
                 for done in undone:
