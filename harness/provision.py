@@ -21,13 +21,16 @@ so scale 90 gives about 1M allocations (about 5M rows in all).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -126,6 +129,9 @@ class ProvisionSettings:
     reset_schema: bool = False
     manifest_path: Path | None = None
     run_dir: Path | None = None
+    # Sessions that load chunks side by side (the server runs one INSERT on
+    # one core; two sessions use the two cores of a small staging box).
+    workers: int = 2
     baseline_sql: Path = BASELINE_SQL
 
 
@@ -301,53 +307,124 @@ def _not_baseline(conn: psycopg.Connection) -> list[str]:
 
 @dataclass(frozen=True)
 class _Deferred:
-    """Indexes and FK/unique constraints dropped for the load, re-created after."""
+    """Indexes and FK/unique constraints dropped for the load, re-created after.
 
-    indexes: list[tuple[str, str]]  # (name, CREATE INDEX text from pg_get_indexdef)
-    constraints: list[tuple[str, str, str]]  # (table, name, definition)
+    Rows are (table, kind, name, definition): kind "index" with the text of
+    pg_get_indexdef, or "constraint" with that of pg_get_constraintdef.
+    """
+
+    rows: list[tuple[str, str, str, str]]
+
+
+_DEFERRED_DDL = """
+CREATE SCHEMA IF NOT EXISTS harness;
+CREATE TABLE IF NOT EXISTS harness.provision_deferred (
+    ord         int PRIMARY KEY,
+    table_name  text NOT NULL,
+    kind        text NOT NULL,
+    name        text NOT NULL,
+    definition  text NOT NULL
+);
+"""
 
 
 def _drop_secondary(conn: psycopg.Connection) -> _Deferred:
     # A bulk load into tables without secondary indexes or FK triggers is about
-    # 4x faster; building the indexes once and checking each FK with one join
-    # afterwards costs a fraction of that. It all happens in the load's own
-    # transaction, so nobody ever sees the tables without them.
+    # 4x faster; building each index once and checking each FK with one join
+    # afterwards costs a fraction of that. The definitions are kept in
+    # harness.provision_deferred, committed with the drop: a load that dies
+    # (kill -9, lost connection) leaves them there for the next run to restore.
+    _recover_deferred(conn)
     tables = [f"public.{t}" for t in APP_TABLES]
     constraints = conn.execute(
-        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
-        " WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('f', 'u')"
-        " ORDER BY contype DESC, conrelid::regclass::text, conname",
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype::text"
+        " FROM pg_constraint WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('f', 'u')"
+        " ORDER BY contype DESC, 1, 2",
         (tables,),
     ).fetchall()
     indexes = conn.execute(
-        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+        "SELECT i.indrelid::regclass::text, i.indexrelid::regclass::text,"
+        " pg_get_indexdef(i.indexrelid) FROM pg_index i"
         " WHERE i.indrelid = ANY(%s::regclass[]) AND NOT i.indisprimary"
         " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)"
-        " ORDER BY 1",
+        " ORDER BY 1, 2",
         (tables,),
     ).fetchall()
-    for table, name, _ in constraints:  # FKs first ('f' > 'u'), then unique keys
-        conn.execute(
-            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                sql.SQL(table), sql.Identifier(name)
-            )
+    # Re-created in this order: indexes, unique keys, then the FKs.
+    rows = [(t, "index", n, d) for t, n, d in indexes]
+    rows += [(t, "constraint", n, d) for t, n, d, kind in constraints if kind == "u"]
+    rows += [(t, "constraint", n, d) for t, n, d, kind in constraints if kind == "f"]
+    conn.execute(_DEFERRED_DDL)
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO harness.provision_deferred VALUES (%s, %s, %s, %s, %s)",
+            [(i, *row) for i, row in enumerate(rows)],
         )
-    for name, _ in indexes:
-        conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
-    return _Deferred(indexes=indexes, constraints=constraints)
+    for table, kind, name, _ in reversed(rows):  # FKs first
+        if kind == "constraint":
+            conn.execute(
+                sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    sql.SQL(table), sql.Identifier(name)
+                )
+            )
+        else:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+    return _Deferred(rows=rows)
 
 
-def _restore_secondary(conn: psycopg.Connection, deferred: _Deferred) -> None:
+def _recreate(conn: psycopg.Connection, table: str, kind: str, name: str, definition: str) -> None:
     # Names and definitions come from the server's own catalog (regclass text
-    # is already quoted as needed), not from user input.
-    for _, definition in deferred.indexes:
+    # is quoted as needed), not from user input.
+    if kind == "index":
         conn.execute(sql.SQL(definition))
-    for table, name, definition in reversed(deferred.constraints):  # unique keys first
+    else:
         conn.execute(
             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                 sql.SQL(table), sql.Identifier(name), sql.SQL(definition)
             )
         )
+
+
+def _recover_deferred(conn: psycopg.Connection) -> None:
+    """Put back what an interrupted load dropped (tables must be empty or consistent)."""
+    if not conn.execute("SELECT to_regclass('harness.provision_deferred')").fetchone()[0]:
+        return
+    rows = conn.execute(
+        "SELECT table_name, kind, name, definition FROM harness.provision_deferred ORDER BY ord"
+    ).fetchall()
+    if rows:
+        log.warning("restoring %s indexes/constraints an interrupted provision dropped", len(rows))
+    for table, kind, name, definition in rows:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_class WHERE oid = to_regclass(%s)"
+            " UNION ALL SELECT 1 FROM pg_constraint WHERE conname = %s"
+            " AND conrelid = to_regclass(%s)",
+            (name, name, table),
+        ).fetchone()
+        if not exists:
+            _recreate(conn, table, kind, name, definition)
+    conn.execute("DROP TABLE harness.provision_deferred")
+
+
+def _restore_secondary(loader: _Loader, deferred: _Deferred) -> None:
+    """Re-create indexes and constraints, and ANALYZE, one job per table in parallel."""
+    by_table: dict[str, list[tuple[str, str, str, str]]] = {}
+    for row in deferred.rows:
+        by_table.setdefault(row[0], []).append(row)
+
+    def job(table: str) -> Job:
+        def run(conn: psycopg.Connection) -> int:
+            for row in by_table.get(f"public.{table}", []) + by_table.get(table, []):
+                _recreate(conn, *row)
+            # Statistics for the migrations' integrity queries and the load test.
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+            return 0
+
+        return run
+
+    # Biggest tables first: their index builds are the long poles.
+    order = sorted(APP_TABLES, key=lambda t: -loader.rows.get(t, 0))
+    loader.parallel([job(t) for t in order])
 
 
 # --------------------------------------------------------------------------
@@ -472,33 +549,99 @@ class _Plan:
         }
 
 
+Job = Callable[[psycopg.Connection], int]
+
+
 class _Loader:
+    """Runs generation statements on a few connections of the target.
+
+    The server cannot run one INSERT ... SELECT in parallel, so the load is
+    cut into independent chunks (ranges of ids) that ``workers`` sessions run
+    side by side; each chunk commits on its own. Every row is a function of
+    (seed, id) only, so the chunking and the order of the workers change
+    nothing in the data.
+    """
+
     def __init__(
-        self, conn: psycopg.Connection, plan: _Plan, progress: ProgressFn | None, estimate: int
+        self,
+        target: Target,
+        plan: _Plan,
+        progress: ProgressFn | None,
+        estimate: int,
+        workers: int,
     ) -> None:
-        self.conn = conn
         self.plan = plan
         self.progress = progress
         self.done = 0
         self.estimate = estimate
+        self.rows: dict[str, int] = dict.fromkeys(APP_TABLES, 0)
+        self._lock = threading.Lock()
+        self._all: list[psycopg.Connection] = []
+        self._idle: queue.SimpleQueue[psycopg.Connection] = queue.SimpleQueue()
+        for _ in range(max(1, workers)):
+            conn = target.connect(autocommit=True)
+            # A crash mid-load throws the snapshot away anyway: no need to
+            # wait for each chunk's commit to reach the disk.
+            conn.execute("SET synchronous_commit = off")
+            self._all.append(conn)
+            self._idle.put(conn)
+        self.main = self._all[0]
 
-    def run(self, step: str, template: str, **values: Any) -> int:
+    def close(self) -> None:
+        for conn in self._all:
+            conn.close()
+
+    def run(
+        self,
+        step: str,
+        template: str,
+        *,
+        table: str | None = None,
+        conn: psycopg.Connection | None = None,
+        **values: Any,
+    ) -> int:
         query = _expand(template, self.plan.seed, **{**self.plan.values(), **values})
-        cur = self.conn.execute(query)
+        cur = (conn or self.main).execute(query)
         n = max(cur.rowcount, 0)
-        self.done += n
-        self.estimate = max(self.estimate, self.done)
-        if self.progress:
-            self.progress(step, self.done, self.estimate)
+        with self._lock:
+            self.rows[table or step] += n
+            self.done += n
+            self.estimate = max(self.estimate, self.done)
+            if self.progress:
+                self.progress(step, self.done, self.estimate)
         return n
 
-    def chunked(self, step: str, template: str, upper: int, rows_per_unit: float) -> int:
-        """Run ``template`` over ``{lo}..{hi}`` ranges of about CHUNK_ROWS rows."""
+    def chunks(self, step: str, template: str, upper: int, rows_per_unit: float) -> list[Job]:
+        """Jobs running ``template`` over ``{lo}..{hi}`` ranges of about CHUNK_ROWS rows."""
         size = max(1, int(CHUNK_ROWS / max(rows_per_unit, 1e-9)))
-        total = 0
-        for lo in range(1, upper + 1, size):
-            total += self.run(step, template, lo=lo, hi=min(upper, lo + size - 1))
-        return total
+        # At least two chunks per worker, so that both stay busy to the end.
+        size = min(size, max(1, math.ceil(upper / (2 * len(self._all)))))
+        return [
+            functools.partial(self._run_job, step, template, lo=lo, hi=min(upper, lo + size - 1))
+            for lo in range(1, upper + 1, size)
+        ]
+
+    def _run_job(self, step: str, template: str, conn: psycopg.Connection, **values: Any) -> int:
+        return self.run(step, template, conn=conn, **values)
+
+    def parallel(self, jobs: list[Job]) -> int:
+        """Run the jobs on the worker sessions; return the sum of their results."""
+
+        def call(job: Job) -> int:
+            conn = self._idle.get()
+            try:
+                return job(conn)
+            finally:
+                self._idle.put(conn)
+
+        with ThreadPoolExecutor(max_workers=len(self._all)) as pool:
+            futures = [pool.submit(call, job) for job in jobs]
+            try:
+                return sum(f.result() for f in futures)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
 
 # --------------------------------------------------------------------------
@@ -511,6 +654,15 @@ def _synthetic(
     anchor = _check_settings(settings)
     rates = dirt_rates_from(settings.dirt_rates)
     started = time.perf_counter()
+    plan = _Plan(
+        seed=settings.seed,
+        scale=settings.scale,
+        anchor=anchor,
+        past_days=settings.past_days,
+        future_days=settings.future_days,
+        restaurants=RESTAURANTS_PER_SCALE * settings.scale,
+        customers=CUSTOMERS_PER_SCALE * settings.scale,
+    )
     with target.connect() as conn:
         check_destructive_allowed(
             target,
@@ -519,40 +671,25 @@ def _synthetic(
             pattern=settings.production_pattern,
             conn=conn,
         )
-        conn.commit()
         ensure_baseline(conn, baseline_sql=settings.baseline_sql, reset=settings.reset_schema)
-        plan = _Plan(
-            seed=settings.seed,
-            scale=settings.scale,
-            anchor=anchor,
-            past_days=settings.past_days,
-            future_days=settings.future_days,
-            restaurants=RESTAURANTS_PER_SCALE * settings.scale,
-            customers=CUSTOMERS_PER_SCALE * settings.scale,
-        )
-        conn.execute(
-            sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
-                sql.SQL(", ").join(sql.Identifier(t) for t in APP_TABLES)
-            )
-        )
-        # The quarantine holds rows of the data being replaced (personal data
-        # too): it describes a snapshot that no longer exists.
-        if conn.execute("SELECT to_regclass('harness.quarantine')").fetchone()[0]:
-            conn.execute("TRUNCATE harness.quarantine")
+        _empty_app_tables(conn)
         deferred = _drop_secondary(conn)
-        loader = _Loader(conn, plan, progress, _estimate_rows(plan, settings))
-        rows = _load_clean(loader)
-        dirt = _plant_dirt(loader, rates, rows)
-        _finish_tables(conn)
+        conn.commit()
+    # From here the load runs on several sessions, each chunk committing on
+    # its own (one transaction cannot span sessions). Until the manifest row
+    # is written at the very end, the database has no manifest: other stages
+    # can tell a half-loaded snapshot from a finished one. If the load fails,
+    # the tables are emptied and their indexes and constraints put back.
+    loader = _Loader(target, plan, progress, _estimate_rows(plan, settings), settings.workers)
+    try:
+        _load_clean(loader)
+        clean = dict(loader.rows)
+        dirt = _plant_dirt(loader, rates, clean)
+        _finish_tables(loader.main)
         if progress:
             progress("indexes", loader.done, loader.done)
-        _restore_secondary(conn, deferred)
-        # Statistics for the migrations' integrity queries and the load test;
-        # ANALYZE may run inside the transaction, so it is part of the load.
-        conn.execute(
-            sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(sql.Identifier(t) for t in APP_TABLES))
-        )
-        counts = _row_counts(conn)
+        _restore_secondary(loader, deferred)
+        counts = dict(loader.rows)
         seconds = time.perf_counter() - started
         total = sum(counts.values())
         manifest = {
@@ -570,10 +707,17 @@ def _synthetic(
             "dirt_rates": dict(rates),
             "seconds": round(seconds, 3),
             "rows_per_second": round(total / seconds) if seconds else None,
+            "workers": settings.workers,
             "target": target.display,
         }
-        write_manifest_row(conn, manifest)
-        conn.commit()
+        with loader.main.transaction():
+            write_manifest_row(loader.main, manifest)
+            loader.main.execute("DROP TABLE IF EXISTS harness.provision_deferred")
+    except BaseException:
+        _undo_partial_load(target)
+        raise
+    finally:
+        loader.close()
     path = _write_manifest_file(manifest, settings)
     log.info(
         "provisioned %s rows in %.1f s (%s rows/s)", total, seconds, manifest["rows_per_second"]
@@ -586,6 +730,31 @@ def _synthetic(
         manifest=manifest,
         manifest_path=path,
     )
+
+
+def _empty_app_tables(conn: psycopg.Connection) -> None:
+    """Empty the app's tables and what describes their old data (quarantine, manifest)."""
+    conn.execute(
+        sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
+            sql.SQL(", ").join(sql.Identifier(t) for t in APP_TABLES)
+        )
+    )
+    # The quarantine holds rows of the data being replaced (personal data
+    # too): it describes a snapshot that no longer exists. So does the manifest.
+    for table in ("harness.quarantine", "harness.snapshot_manifest"):
+        if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(table)))
+
+
+def _undo_partial_load(target: Target) -> None:
+    """After a failed load: empty the tables and put their indexes and keys back."""
+    try:
+        with target.connect() as conn:
+            _empty_app_tables(conn)
+            _recover_deferred(conn)
+            conn.commit()
+    except Exception as exc:  # the original error matters more; say what is left
+        log.warning("could not clean up after the failed load (%s); the next provision will", exc)
 
 
 def _expected_bookings_per_table(plan: _Plan) -> float:
@@ -745,20 +914,22 @@ FROM (
     + _fill(_SLOT_K, c="c", s="s")
     + """ AS slot_k
                 FROM (
-                    SELECT c, d, s, sd, restaurant_id, capacity, tz,
-                           U(book, c) AS u, """
+                    SELECT *, U(book, c) AS u FROM (
+                    SELECT ((t.id - 1) * {ndays} + ds.d) * 3 + ds.s AS c, ds.d, ds.s, ds.sd,
+                           t.restaurant_id, t.capacity, t.tz, ds.p
+                    FROM (SELECT dt.id, dt.restaurant_id, dt.capacity, r.timezone AS tz
+                          FROM dining_tables AS dt JOIN restaurants AS r ON r.id = dt.restaurant_id
+                          WHERE dt.id BETWEEN {lo} AND {hi}) AS t
+                    -- The probability depends on the day and seating only: 273
+                    -- rows computed once, not once per candidate.
+                    CROSS JOIN (SELECT d, s, sd, """
     + _P_ALLOC
     + """ AS p
-                    FROM (
-                        SELECT ((t.id - 1) * {ndays} + d) * 3 + s AS c, d, s,
-                               {first_date}::date + d AS sd,
-                               t.restaurant_id, t.capacity, r.timezone AS tz
-                        FROM dining_tables AS t
-                        JOIN restaurants AS r ON r.id = t.restaurant_id
-                        CROSS JOIN generate_series(0, {ndays} - 1) AS d
-                        CROSS JOIN generate_series(0, 2) AS s
-                        WHERE t.id BETWEEN {lo} AND {hi}
-                    ) AS cand OFFSET 0
+                                FROM generate_series(0, {ndays} - 1) AS d
+                                CROSS JOIN generate_series(0, 2) AS s
+                                CROSS JOIN LATERAL (SELECT {first_date}::date + d AS sd) AS x
+                                OFFSET 0) AS ds
+                    OFFSET 0) AS cand
                 ) AS scored
                 WHERE u < p + 0.06 OFFSET 0
             ) AS timed OFFSET 0
@@ -783,23 +954,29 @@ WHERE b.status <> 'cancelled' AND b.id BETWEEN {lo} AND {hi}
 _SQL_SLOTS = """
 INSERT INTO booking_slots (id, restaurant_id, starts_at, covers_total, covers_booked,
                            created_at, updated_at)
-SELECT ((r.id - 1) * {ndays} + d) * 32 + k + 1, r.id,
-       ({first_date}::date + d
-        + (CASE WHEN k < 11 THEN 690 + 15 * k ELSE 1020 + 15 * (k - 11) END)
-          * interval '1 minute') AT TIME ZONE r.timezone,
-       seats.total, coalesce(bk.covers, 0),
-       least({anchor}::timestamptz,
-             (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone),
-       least({anchor}::timestamptz,
-             (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone)
-FROM restaurants AS r
-JOIN (SELECT restaurant_id, sum(capacity)::int AS total FROM dining_tables GROUP BY 1) AS seats
-  ON seats.restaurant_id = r.id
-CROSS JOIN generate_series(0, {ndays} - 1) AS d
-CROSS JOIN generate_series(0, 31) AS k
+SELECT sl.id, sl.restaurant_id, sl.starts_at, sl.total, coalesce(bk.covers, 0), sl.ca, sl.ca
+FROM (
+    SELECT ((r.id - 1) * {ndays} + d) * 32 + k + 1 AS id, r.id AS restaurant_id, seats.total,
+           (day.sd + (CASE WHEN k < 11 THEN 690 + 15 * k ELSE 1020 + 15 * (k - 11) END)
+                     * interval '1 minute') AT TIME ZONE r.timezone AS starts_at,
+           day.ca
+    FROM restaurants AS r
+    JOIN (SELECT restaurant_id, sum(capacity)::int AS total FROM dining_tables GROUP BY 1)
+         AS seats ON seats.restaurant_id = r.id
+    CROSS JOIN generate_series(0, {ndays} - 1) AS d
+    CROSS JOIN LATERAL (
+        SELECT {first_date}::date + d AS sd,
+               least({anchor}::timestamptz,
+                     (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone) AS ca
+    ) AS day
+    CROSS JOIN generate_series(0, 31) AS k
+    WHERE r.id BETWEEN {lo} AND {hi}
+) AS sl
 LEFT JOIN (SELECT slot_id, sum(party_size)::int AS covers FROM bookings
-           WHERE status <> 'cancelled' AND party_size IS NOT NULL GROUP BY slot_id) AS bk
-  ON bk.slot_id = ((r.id - 1) * {ndays} + d) * 32 + k + 1
+           WHERE status <> 'cancelled' AND party_size IS NOT NULL
+             AND slot_id BETWEEN ({lo} - 1) * {ndays} * 32 + 1 AND {hi} * {ndays} * 32
+           GROUP BY slot_id) AS bk
+  ON bk.slot_id = sl.id
 """
 
 # Live holds: one per table at most (on a random sample of tables), a future
@@ -844,30 +1021,39 @@ CROSS JOIN LATERAL (
 
 def _load_clean(loader: _Loader) -> dict[str, int]:
     plan = loader.plan
-    conn = loader.conn
-    rows: dict[str, int] = {}
-    rows["restaurants"] = loader.run("restaurants", _SQL_RESTAURANTS)
-    rows["dining_tables"] = loader.run("dining_tables", _SQL_TABLES)
-    plan.tables = rows["dining_tables"]
+    loader.run("restaurants", _SQL_RESTAURANTS)
+    plan.tables = loader.run("dining_tables", _SQL_TABLES)
     plan.bookings_grid = plan.tables * plan.days * SEATINGS
-    rows["table_inventory"] = loader.chunked(
-        "table_inventory", _SQL_INVENTORY, plan.tables, plan.days
-    )
-    rows["customers"] = loader.chunked("customers", _SQL_CUSTOMERS, plan.customers, 1)
     per_table = _expected_bookings_per_table(plan)
-    rows["bookings"] = loader.chunked("bookings", _SQL_BOOKINGS, plan.tables, per_table)
-    rows["allocations"] = loader.chunked(
-        "allocations", _SQL_ALLOCATIONS, plan.bookings_grid, per_table / (plan.days * SEATINGS)
+    per_candidate = per_table / (plan.days * SEATINGS)
+
+    def bookings_then_allocations(job: Job, lo: int, hi: int) -> Job:
+        # The allocations of a range of tables are the bookings of that range.
+        def run(conn: psycopg.Connection) -> int:
+            n = job(conn)
+            lo_id, hi_id = (lo - 1) * plan.days * SEATINGS + 1, hi * plan.days * SEATINGS
+            return n + loader.run("allocations", _SQL_ALLOCATIONS, conn=conn, lo=lo_id, hi=hi_id)
+
+        return run
+
+    booking_jobs = [
+        bookings_then_allocations(job, job.keywords["lo"], job.keywords["hi"])
+        for job in loader.chunks("bookings", _SQL_BOOKINGS, plan.tables, per_table)
+    ]
+    # Heaviest first, so that the light ones fill the gaps at the end.
+    loader.parallel(
+        booking_jobs
+        + loader.chunks("table_inventory", _SQL_INVENTORY, plan.tables, plan.days)
+        + loader.chunks("customers", _SQL_CUSTOMERS, plan.customers, 1)
     )
-    live = math.ceil(LIVE_HOLDS_PER_TABLE * plan.tables)
-    rows["table_hold_windows"] = loader.run(
+    del per_candidate
+    loader.run(
         "table_hold_windows",
         _SQL_LIVE_HOLDS,
-        n=live,
+        n=math.ceil(LIVE_HOLDS_PER_TABLE * plan.tables),
         min_life=LIVE_HOLD_MIN_LIFETIME,
     )
-    del conn
-    return rows
+    return dict(loader.rows)
 
 
 def _count(rate: float, base: int) -> int:
@@ -912,17 +1098,19 @@ def _plant_dirt(loader: _Loader, rates: Mapping[str, float], clean: dict[str, in
     n = _count(rates["overlapping_allocation"], clean["allocations"])
     doubles = 0
     if n:
-        loader.conn.execute(
-            _expand(
-                "CREATE TEMP TABLE harness_victims ON COMMIT DROP AS"
-                " SELECT row_number() OVER (ORDER BY U(victim, a.id), a.id) AS k, a.*"
-                " FROM allocations AS a ORDER BY U(victim, a.id), a.id LIMIT {n}",
-                plan.seed,
-                n=n,
+        # One transaction: the victims' temporary table lives until its end.
+        with loader.main.transaction():
+            loader.main.execute(
+                _expand(
+                    "CREATE TEMP TABLE harness_victims ON COMMIT DROP AS"
+                    " SELECT row_number() OVER (ORDER BY U(victim, a.id), a.id) AS k, a.*"
+                    " FROM allocations AS a ORDER BY U(victim, a.id), a.id LIMIT {n}",
+                    plan.seed,
+                    n=n,
+                )
             )
-        )
-        loader.run("bookings", _SQL_DOUBLE_BOOKINGS, base=grid)
-        doubles = loader.run("allocations", _SQL_DOUBLE_ALLOCATIONS, base=grid)
+            loader.run("bookings", _SQL_DOUBLE_BOOKINGS, base=grid)
+            doubles = loader.run("allocations", _SQL_DOUBLE_ALLOCATIONS, base=grid)
     dirt["overlapping_allocation"] = doubles
     booking_base = grid + doubles
     alloc_base = grid + doubles
@@ -951,7 +1139,9 @@ def _plant_dirt(loader: _Loader, rates: Mapping[str, float], clean: dict[str, in
         else 0
     )
     # Slots last: their cover counters count every booking, planted ones too.
-    loader.run("booking_slots", _SQL_SLOTS)
+    loader.parallel(
+        loader.chunks("booking_slots", _SQL_SLOTS, plan.restaurants, plan.days * SLOTS_PER_DAY)
+    )
     return {kind: dirt.get(kind, 0) for kind in DIRT_KINDS}
 
 

@@ -277,3 +277,48 @@ def test_cli_provision_refuses_url_target_without_flag(baseline_db, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert "refusing provisioning" in err and "--yes-destroy-target-data" in err
+
+
+def _secondary_objects(url: str) -> set[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        return set(
+            conn.execute(
+                "SELECT conrelid::regclass::text, conname FROM pg_constraint"
+                " WHERE connamespace = 'public'::regnamespace"
+                " UNION SELECT indrelid::regclass::text, indexrelid::regclass::text"
+                " FROM pg_index WHERE indrelid IN"
+                " (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)"
+            )
+        )
+
+
+def test_a_failed_load_leaves_empty_tables_with_their_indexes(baseline_db):
+    before = _secondary_objects(baseline_db)
+    assert any(name == "customers_email_key" for _, name in before)
+
+    def explode(step: str, done: int, total: int) -> None:
+        if step == "customers":
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        provision(target_for(baseline_db), _settings(scale=2), progress=explode)
+    assert _secondary_objects(baseline_db) == before
+    with psycopg.connect(baseline_db) as conn:
+        assert conn.execute("SELECT count(*) FROM bookings").fetchone() == (0,)
+    assert read_manifest(target_for(baseline_db)) is None
+
+
+def test_an_interrupted_load_is_repaired_by_the_next_run(baseline_db):
+    from harness.provision import _drop_secondary
+
+    before = _secondary_objects(baseline_db)
+    with psycopg.connect(baseline_db) as conn:  # what a killed run leaves behind
+        _drop_secondary(conn)
+        conn.commit()
+    assert _secondary_objects(baseline_db) < before
+    provision(target_for(baseline_db), _settings())
+    assert _secondary_objects(baseline_db) == before
+    with psycopg.connect(baseline_db) as conn:
+        assert conn.execute("SELECT to_regclass('harness.provision_deferred')").fetchone() == (
+            None,
+        )
