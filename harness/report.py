@@ -59,6 +59,14 @@ Written into the run folder, each atomically:
       "lint": {"ok", "squawk_version", "new": n, "accepted": n,
                "findings": [{"file", "line", "rule", "level", "message",
                              "accepted", "reason"}]} | null,
+      "online": {"samples_taken", "interval_s", "sampler_error",
+                 "files": [{"file", "duration_s", "writers_blocked", "waits",
+                            "longest_wait_s", "total_wait_s",
+                            "lock_not_available", "query_canceled",
+                            "blocking_statements"}],
+                 "waits": n, "longest_waits": [{"relation", "mode",
+                 "wait_s", "query", "blocked_by_queries", "started_at"}]}
+                | null,                       # only after `rehearse --online`
       "monitoring": {"baseline_phase", "spike_factor", "min_share_pct",
                      "min_per_minute",
                      "thresholds": [{"operation", "outcome", "sqlstate",
@@ -106,6 +114,7 @@ from harness.rundir import (
     LEDGER_FILE,
     LINT_FILE,
     MANIFEST_FILE,
+    ONLINE_FILE,
     REPORT_FILE,
     ROLLBACK_FILE,
     RUN_FILE,
@@ -556,6 +565,7 @@ class _RunInput:
     validation: dict[str, Any] | None
     rollback: dict[str, Any] | None
     lint: dict[str, Any] | None
+    online: dict[str, Any] | None
     phases: dict[str, _PhaseInput]
     missing: list[str]
 
@@ -608,6 +618,8 @@ def _read_run(run_dir: Path) -> _RunInput:
         run_dir / ROLLBACK_FILE, dict, missing, "the rollback drill did not run"
     )
     lint = _optional_json(run_dir / LINT_FILE, dict, missing, "lint did not run")
+    # online.json exists only for `rehearse --online`: its absence is no news
+    online = _optional_json(run_dir / ONLINE_FILE, dict, [], "")
     phases = {p: _read_phase(run_dir, p, missing) for p in PHASES}
     return _RunInput(
         run_dir=run_dir,
@@ -617,6 +629,7 @@ def _read_run(run_dir: Path) -> _RunInput:
         validation=validation,
         rollback=rollback,
         lint=lint,
+        online=online,
         phases=phases,
         missing=missing,
     )
@@ -1568,6 +1581,40 @@ def _lint(run: _RunInput) -> dict[str, Any] | None:
     }
 
 
+_ONLINE_FILE_KEYS = (
+    "file",
+    "duration_s",
+    "writers_blocked",
+    "waits",
+    "longest_wait_s",
+    "total_wait_s",
+    "lock_not_available",
+    "query_canceled",
+    "blocking_statements",
+)
+_ONLINE_WAIT_KEYS = ("relation", "mode", "wait_s", "query", "blocked_by_queries", "started_at")
+
+
+def _online(run: _RunInput) -> dict[str, Any] | None:
+    """Writers the migrations blocked while the online load ran (``online.json``)."""
+    data = run.online
+    if data is None:
+        return None
+    files = [f for f in data.get("files") or [] if isinstance(f, dict)]
+    waits = [w for w in data.get("waits") or [] if isinstance(w, dict)]
+    longest = sorted(waits, key=lambda w: -float(w.get("wait_s") or 0.0))[:20]
+    return _mask(
+        {
+            "samples_taken": data.get("samples_taken"),
+            "interval_s": data.get("interval_s"),
+            "sampler_error": data.get("sampler_error"),
+            "files": [{k: f.get(k) for k in _ONLINE_FILE_KEYS} for f in files],
+            "waits": len(waits),
+            "longest_waits": [{k: w.get(k) for k in _ONLINE_WAIT_KEYS} for w in longest],
+        }
+    )
+
+
 def _summary(
     run: _RunInput,
     gates: Gates,
@@ -1651,6 +1698,7 @@ def _summary(
         "error_mapping": mapping,
         "migrations": _migrations(run),
         "lint": _lint(run),
+        "online": _online(run),
         "monitoring": {
             "baseline_phase": gates.monitoring.baseline_phase,
             "spike_factor": gates.monitoring.spike_factor,
@@ -2180,7 +2228,53 @@ def _html_migrations(summary: Mapping[str, Any]) -> str:
             f"<h3>squawk lint: {lint['new']} new, {lint['accepted']} accepted</h3>"
             + _frame_html(findings, "no findings")
         )
+    body += _html_online(summary["online"])
     return _section("migrations", "Migrations", body)
+
+
+def _html_online(online: Mapping[str, Any] | None) -> str:
+    if online is None:
+        return ""
+    body = (
+        f"<h3>Migrating under load: writers blocked</h3>"
+        f'<p class="note">pg_locks sampled every {_fmt(online["interval_s"])} s'
+        f" ({_fmt(online['samples_taken'])} samples, {_fmt(online['waits'])} waits seen).</p>"
+    )
+    if online["sampler_error"]:
+        body += f'<p class="fail">The lock sampler failed: {_esc(online["sampler_error"])}</p>'
+    files = pd.DataFrame(
+        [
+            {
+                "file": f["file"],
+                "duration s": _fmt(f["duration_s"], 3),
+                "writers blocked": _fmt(f["writers_blocked"]),
+                "waits": _fmt(f["waits"]),
+                "longest wait s": _fmt(f["longest_wait_s"], 3),
+                "total wait s": _fmt(f["total_wait_s"], 3),
+                "55P03": _fmt(f["lock_not_available"]),
+                "57014": _fmt(f["query_canceled"]),
+                "blocking statements": "; ".join(map(str, f["blocking_statements"] or [])),
+            }
+            for f in online["files"]
+        ]
+    )
+    body += _frame_html(files, "no migration file recorded")
+    waits = pd.DataFrame(
+        [
+            {
+                "wait s": _fmt(w["wait_s"], 3),
+                "relation": w["relation"],
+                "mode": w["mode"],
+                "waiting statement": w["query"],
+                "blocked by": "; ".join(map(str, w["blocked_by_queries"] or [])),
+                "since": w["started_at"],
+            }
+            for w in online["longest_waits"]
+        ]
+    )
+    if not waits.empty:
+        body += "<h3>Longest lock waits</h3>" + _frame_html(waits)
+    return body
 
 
 def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> str:

@@ -440,7 +440,7 @@ def test_unwritable_report_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_unknown_files_are_ignored(tmp_path: Path) -> None:
-    run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": {"whatever": [1]}})
+    run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": {"files": [1, "x"]}})
     (run_dir / "notes.txt").write_text("hello")
     assert _report(run_dir).summary_json.exists()
 
@@ -537,6 +537,61 @@ def test_lint_findings_are_listed(tmp_path: Path) -> None:
     page = result.report_html.read_text()
     assert "squawk lint: 1 new, 1 accepted" in page and "runner sets it" in page
     assert "&lt;locks&gt; both tables" in page
+
+
+def test_online_lock_waits_are_shown(tmp_path: Path) -> None:
+    online = {
+        "interval_s": 0.1,
+        "samples_taken": 40,
+        "sampler_error": None,
+        "files": [
+            {
+                "file": "002_integrity.sql",
+                "started_at": "x",
+                "finished_at": "y",
+                "duration_s": 1.25,
+                "writers_blocked": 3,
+                "waits": 4,
+                "longest_wait_s": 0.8,
+                "total_wait_s": 1.9,
+                "lock_not_available": 2,
+                "query_canceled": 0,
+                "blocking_statements": ["ALTER TABLE allocations ADD CONSTRAINT <x>"],
+            },
+        ],
+        "waits": [
+            {
+                "pid": 1,
+                "relation": "allocations",
+                "mode": "RowExclusiveLock",
+                "wait_s": 0.8,
+                "query": "INSERT INTO allocations ...",
+                "blocked_by_queries": ["ALTER TABLE"],
+                "started_at": "2026-06-01T10:01:00",
+            },
+            {
+                "pid": 2,
+                "relation": "bookings",
+                "mode": "RowExclusiveLock",
+                "wait_s": 0.1,
+                "query": "UPDATE bookings ...",
+                "blocked_by_queries": [],
+                "started_at": "z",
+            },
+        ],
+        "load_phase": "online",
+    }
+    run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": online})
+    result = _report(run_dir)
+    summary = _strict_json(result.summary_json)
+    assert summary["online"]["files"][0]["writers_blocked"] == 3
+    assert [w["wait_s"] for w in summary["online"]["longest_waits"]] == [0.8, 0.1]
+    page = result.report_html.read_text()
+    assert "Migrating under load" in page and "ADD CONSTRAINT &lt;x&gt;" in page
+    assert not any("online" in m for m in summary["missing"])
+    assert (
+        _strict_json(_report(standard_run(tmp_path / "r2", n=300)).summary_json)["online"] is None
+    )
 
 
 def test_charts_are_embedded_png(tmp_path: Path) -> None:
