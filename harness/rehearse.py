@@ -327,10 +327,14 @@ def _load(run: _Run, record: StageRecord, phase: str, mode: str, duration_s: flo
 
 
 def _migrate_settings(run: _Run) -> MigrateSettings:
+    # When the schema is there already (provision made it), 000_baseline.sql is
+    # left out: its IF NOT EXISTS statements change nothing but still take
+    # locks, and under live load (--online) those deadlock with the writers.
     return MigrateSettings(
         sql_dir=run.settings.sql_dir,
         lock_timeout=run.settings.lock_timeout,
         statement_timeout=run.settings.statement_timeout,
+        include_baseline=run.baseline_catalog is None,
     )
 
 
