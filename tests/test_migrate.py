@@ -470,3 +470,10 @@ def test_cli_bad_folder_exits_2(fresh_db, tmp_path, capsys):
     folder = write(tmp_path / "sql", {"001_a.sql": GOOD_001, "003_c.sql": GOOD_001})
     assert main(["migrate", "--db-url", fresh_db, "--sql-dir", str(folder)], environ={}) == 2
     assert "migration 002 is missing" in capsys.readouterr().err
+
+
+def test_cli_no_baseline_leaves_000_out(baseline_db, capsys):
+    assert main(["migrate", "--db-url", baseline_db, "--no-baseline"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "000_baseline.sql" not in out and "applied 001_blockers.sql" in out
+    assert "000_baseline.sql" not in {e.file for e in read_ledger(target_for(baseline_db))}
