@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REPORTS_DIR = Path("reports")
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+DEFAULT_NIGHTLY_PROFILE = Path("nightly.toml")
 
 
 def _positive_float(text: str) -> float:
@@ -763,6 +764,75 @@ def cmd_rehearse(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSt
 
 
 # --------------------------------------------------------------------------
+# harness nightly
+
+
+def _add_nightly(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "nightly",
+        parents=parents,
+        help="the rehearsal with a fixed profile, compared with the median of earlier nights",
+        description="Run the rehearsal with the profile of a TOML file, append its figures to"
+        " the history under --reports-dir, and compare with the median of the last runs: p95"
+        " per operation (bootstrap interval against noise), outcome rates, migration"
+        " durations. Exit 0 pass, 1 a regression or failed gate, 2 could not run.",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=DEFAULT_NIGHTLY_PROFILE,
+        metavar="FILE",
+        help="profile TOML (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reports-dir",
+        type=Path,
+        default=DEFAULT_REPORTS_DIR,
+        metavar="DIR",
+        help="run folders and the history file go here (default: %(default)s)",
+    )
+    p.add_argument("--history", type=Path, metavar="FILE", help="history file (Parquet)")
+    p.add_argument(
+        "--sql-dir",
+        type=Path,
+        default=DEFAULT_SQL_DIR,
+        metavar="DIR",
+        help="migration files (default: the repository's sql/)",
+    )
+    p.add_argument("--gates", type=Path, metavar="FILE", help="gates TOML (default: built in)")
+    p.add_argument(
+        "--yes-destroy-target-data",
+        action="store_true",
+        help="allow replacing the data of a URL target (the embedded one needs no flag)",
+    )
+    p.set_defaults(func=cmd_nightly)
+
+
+def cmd_nightly(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.nightly import NightlySettings, load_profile, nightly
+
+    profile = load_profile(args.profile)
+    target = _open(args, environ)
+    result = nightly(
+        target,
+        NightlySettings(
+            profile=profile,
+            reports_dir=args.reports_dir,
+            history_file=args.history,
+            sql_dir=args.sql_dir,
+            gates_file=args.gates,
+            yes_destroy_target_data=args.yes_destroy_target_data,
+            profile_source=str(args.profile),
+        ),
+        out=lambda line: print(line, flush=True),
+    )
+    print(f"run folder: {result.rehearsal.run_dir}")
+    verdict = "REGRESSION" if result.regressions else (result.rehearsal.verdict or "no report")
+    print(f"nightly:    {verdict} ({result.rehearsal.status})")
+    return result.exit_status
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
@@ -775,6 +845,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_lint,
     _add_provision,
     _add_rehearse,
+    _add_nightly,
 ]
 
 
