@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SQL_DIR
 
 from harness.cli import main
 from harness.errors import ConfigError
 from harness.lint import ACCEPTED_FILE_NAME, LintSettings, lint
-from tests.conftest import SQL_DIR
 
 # ban-drop-column on line 3 (squawk counts from 0; we report 1-based lines).
 DROP_COLUMN = "-- 001: drops a column\n\nALTER TABLE widgets DROP COLUMN name;\n"

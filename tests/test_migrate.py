@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SQL_DIR, target_for
 
 from harness.cli import main
 from harness.errors import ConfigError, MigrationError
@@ -22,7 +23,6 @@ from harness.migrate import (
     split_statements,
 )
 from harness.validate import catalog_snapshot, diff_catalogs
-from tests.conftest import SQL_DIR, target_for
 
 REAL_FILES = sorted(p.name for p in SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
 
