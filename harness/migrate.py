@@ -446,8 +446,16 @@ def _select_until(files: list[MigrationFile], to: str | None) -> list[MigrationF
 
 def ensure_ledger(conn: psycopg.Connection) -> None:
     """Create ``harness.migration_ledger`` if missing (autocommit connection)."""
-    with conn.transaction():
-        conn.execute(LEDGER_DDL)
+    try:
+        with conn.transaction():
+            conn.execute(LEDGER_DDL)
+    except psycopg.Error as exc:
+        classified = classify(exc)
+        raise MigrationError(
+            f"cannot create the ledger harness.migration_ledger: {classified.outcome}"
+            f" (SQLSTATE {classified.sqlstate}): {exc.diag.message_primary or exc}",
+            hint="the runner's user needs CREATE on the database (schema harness)",
+        ) from None
 
 
 def _ledger_exists(conn: psycopg.Connection) -> bool:

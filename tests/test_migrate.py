@@ -477,3 +477,28 @@ def test_cli_no_baseline_leaves_000_out(baseline_db, capsys):
     out = capsys.readouterr().out
     assert "000_baseline.sql" not in out and "applied 001_blockers.sql" in out
     assert "000_baseline.sql" not in {e.file for e in read_ledger(target_for(baseline_db))}
+
+
+def test_a_failing_rollback_changes_nothing_and_is_recorded(fresh_db, tmp_path):
+    folder = write(
+        tmp_path / "sql",
+        {
+            "001_widgets.sql": GOOD_001,
+            "rollback_001_001.sql": "DROP TABLE widgets;\nDROP TABLE no_such_table;\n",
+        },
+    )
+    target = target_for(fresh_db)
+    migrate(target, MigrateSettings(sql_dir=folder))
+    with pytest.raises(MigrationError) as err:
+        rollback(target, RollbackSettings(sql_dir=folder, file="rollback_001_001.sql"))
+    assert (err.value.file, err.value.line, err.value.sqlstate) == (
+        "rollback_001_001.sql",
+        2,
+        "42P01",
+    )
+    with target.connect() as conn:
+        assert conn.execute("SELECT to_regclass('widgets')").fetchone()[0] is not None
+    state = {e.file: e.outcome for e in read_ledger(target)}
+    assert state == {"001_widgets.sql": "applied", "rollback_001_001.sql": "failed"}
+    with pytest.raises(ConfigError, match="rollback_NNN_NNN"):
+        rollback(target, RollbackSettings(sql_dir=folder, file="undo.sql"))
