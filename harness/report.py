@@ -92,6 +92,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 import tomllib
 import xml.etree.ElementTree as ET
@@ -218,6 +219,11 @@ class RollbackDrillGate:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunCompletedGate:
+    enabled: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class MonitoringSettings:
     baseline_phase: str
     spike_factor: float
@@ -236,6 +242,7 @@ class Gates:
     p95_regression: P95RegressionGate
     unexpected_errors: UnexpectedErrorsGate
     rollback_drill: RollbackDrillGate
+    run_completed: RunCompletedGate
     monitoring: MonitoringSettings
 
 
@@ -245,6 +252,7 @@ _SECTIONS: dict[str, type] = {
     "p95_regression": P95RegressionGate,
     "unexpected_errors": UnexpectedErrorsGate,
     "rollback_drill": RollbackDrillGate,
+    "run_completed": RunCompletedGate,
     "monitoring": MonitoringSettings,
 }
 DEFAULT_GATES_NAME = "gates.toml"
@@ -735,8 +743,17 @@ def latency_table(frame: pd.DataFrame, duration_s: float | None) -> pd.DataFrame
     table.loc[ALL] = [len(values), p50, p95, p99, values.max(), values.mean()]
     table["requests"] = table["requests"].astype("int64")
     table["throughput_rps"] = table["requests"] / duration_s if duration_s else np.nan
+    table = table.reindex(_operation_order(table.index))
     table.index.name = "operation"
     return table[columns]
+
+
+def _operation_order(names: Any) -> list[str]:
+    """The load users' order (create first), unknown names after, ``all`` last."""
+    present = {str(n) for n in names}
+    known = [op for op in OPERATIONS if op in present]
+    others = sorted(present - set(OPERATIONS) - {ALL})
+    return known + others + ([ALL] if ALL in present else [])
 
 
 def outcome_table(frame: pd.DataFrame, duration_s: float | None) -> pd.DataFrame:
@@ -759,7 +776,14 @@ def outcome_table(frame: pd.DataFrame, duration_s: float | None) -> pd.DataFrame
     table["count"] = table["count"].astype("int64")
     table["share"] = table["count"] / table["operation"].map(totals_map)
     table["per_s"] = table["count"] / duration_s if duration_s else np.nan
-    return table[columns]
+    op_rank = {op: i for i, op in enumerate(_operation_order(table["operation"]))}
+    outcome_rank = {str(o): i for i, o in enumerate(OUTCOMES)}
+    table = table.assign(
+        _op=table["operation"].map(op_rank),
+        _outcome=table["outcome"].map(outcome_rank).fillna(len(outcome_rank)),
+    )
+    table = table.sort_values(["_op", "_outcome", "outcome"], kind="stable")
+    return table[columns].reset_index(drop=True)
 
 
 def _p95_comparison(run: _RunInput, gate: P95RegressionGate) -> dict[str, DeltaCI | None]:
@@ -1084,6 +1108,30 @@ def _gate_unexpected(run: _RunInput, gates: Gates) -> GateResult:
     )
 
 
+def _gate_run_completed(run: _RunInput) -> GateResult:
+    title = "Every stage of the rehearsal completed"
+    threshold = "run status completed"
+    if run.run is None:
+        return _not_measured(
+            "run_completed", title, threshold, f"{RUN_FILE} not found: no record of the run"
+        )
+    status = run.run.get("status")
+    detail = ""
+    if status != "completed":
+        stage, error = run.run.get("failed_stage"), run.run.get("error")
+        detail = f"stage {stage}" if stage else ""
+        if error:
+            detail += f"{': ' if detail else ''}{_mask(str(error))}"
+    return GateResult(
+        name="run_completed",
+        title=title,
+        status=GateStatus.PASS if status == "completed" else GateStatus.FAIL,
+        threshold=threshold,
+        measured=f"status {status}",
+        detail=detail,
+    )
+
+
 def _gate_rollback(run: _RunInput) -> GateResult:
     title = "Rollback drill restores the baseline and re-applies"
     threshold = "catalog equal, re-applied, re-validated"
@@ -1127,6 +1175,8 @@ def _evaluate_gates(
         results.append(_gate_unexpected(run, gates))
     if gates.rollback_drill.enabled:
         results.append(_gate_rollback(run))
+    if gates.run_completed.enabled:
+        results.append(_gate_run_completed(run))
     return [_finish(g, gates) for g in results]
 
 
@@ -1141,9 +1191,7 @@ def monitoring_thresholds(
     if outcomes is None or outcomes.empty:
         return []
     rows: list[dict[str, Any]] = []
-    seen = set(outcomes["operation"])
-    ops = [o for o in OPERATIONS if o in seen] + sorted(seen - set(OPERATIONS) - {ALL})
-    for op in [*ops, ALL]:
+    for op in _operation_order([*outcomes["operation"], ALL]):
         for outcome, state in WATCHED:
             share, per_s = _lookup_rate(outcomes, op, outcome)
             share = share or 0.0
@@ -1437,8 +1485,14 @@ def _mask(value: Any) -> Any:
     if isinstance(value, list):
         return [_mask(v) for v in value]
     if isinstance(value, str) and ("://" in value or "password" in value.lower()):
-        return mask_url(value)
+        # URLs inside longer text (error messages) too, not only whole URLs
+        value = _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), value)
+        return _PASSWORD_IN_TEXT.sub(lambda m: m.group(1) + "***", value)
     return value
+
+
+_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"<>]+", re.IGNORECASE)
+_PASSWORD_IN_TEXT = re.compile(r"(password\s*[=:]\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def _run_facts(run: _RunInput) -> dict[str, Any]:
@@ -2117,8 +2171,12 @@ def _html_integrity(summary: Mapping[str, Any]) -> str:
             for r in integ["quarantine"]
         ]
     )
-    body += "<h3>Quarantine against the snapshot's dirt</h3>" + _frame_html(
-        q, "no manifest dirt and no quarantine counts"
+    body += (
+        "<h3>Quarantine against the snapshot's dirt</h3>"
+        '<p class="note">Rows 001 moved to harness.quarantine, by reason, against the dirt'
+        " provision planted. The pre-migration load writes to the lax schema too, so a"
+        " reason it can produce (duplicate idempotency keys, overlaps) may count more.</p>"
+        + _frame_html(q, "no manifest dirt and no quarantine counts")
     )
     if val is None:
         body += f'<p class="missing">{VALIDATION_FILE} not found: validate did not run.</p>'
@@ -2155,6 +2213,7 @@ def _html_integrity(summary: Mapping[str, Any]) -> str:
                 ("catalog equal to baseline", _fmt(rb.get("catalog_equal"))),
                 ("migrations re-applied", _fmt(rb.get("reapplied"))),
                 ("re-validated", _fmt(rb.get("validation_ok"))),
+                ("duration s", _fmt(rb.get("duration_s"), 2)),
             ]
         )
         diffs = rb.get("differences") or []

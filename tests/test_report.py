@@ -473,6 +473,8 @@ def test_password_never_reaches_the_outputs(tmp_path: Path) -> None:
     run["settings"]["db_url"] = f"postgresql://app:{secret}@db:5432/x"
     run["settings"]["password"] = secret
     run.update(status="failed", failed_stage="rollback", error="rollback_001_003.sql: <boom>")
+    run["stages"][0]["error"] = f"cannot reach postgresql://app:{secret}@db:5432/x: refused"
+    run["settings"]["conninfo"] = f"host=db password={secret} user=app"
     (run_dir / RUN_FILE).write_text(json.dumps(run))
     result = _report(run_dir)
     for path in (result.report_html, result.summary_json, result.junit_xml):
@@ -480,6 +482,9 @@ def test_password_never_reaches_the_outputs(tmp_path: Path) -> None:
     page = result.report_html.read_text()
     assert "app:***@db" in page
     assert "The run failed in stage rollback: rollback_001_003.sql: &lt;boom&gt;." in page
+    gate = next(g for g in result.gates if g.name == "run_completed")
+    assert gate.status == "fail" and gate.detail.startswith("stage rollback: ")
+    assert result.verdict is Verdict.FAIL
 
 
 def test_monitoring_thresholds_from_the_post_baseline(tmp_path: Path) -> None:
