@@ -67,6 +67,10 @@ Written into the run folder, each atomically:
                  "waits": n, "longest_waits": [{"relation", "mode",
                  "wait_s", "query", "blocked_by_queries", "started_at"}]}
                 | null,                       # only after `rehearse --online`
+      "nightly": {"compared_with", "compared_runs", "regressions": n,
+                  "comparisons": [{"kind", "name", "current", "baseline",
+                                   "limit", "regression", "detail"}],
+                  "history": [{...}]} | null,  # only under `harness nightly`
       "monitoring": {"baseline_phase", "spike_factor", "min_share_pct",
                      "min_per_minute",
                      "thresholds": [{"operation", "outcome", "sqlstate",
@@ -135,6 +139,9 @@ from harness.target import mask_url
 log = logging.getLogger(__name__)
 
 SUMMARY_FORMAT_VERSION = 1
+# Written by harness.nightly (its NIGHTLY_FILE); named here so the report does
+# not import the nightly stage and, through it, the load users.
+NIGHTLY_FILE = "nightly.json"
 
 # The load users' operation names (harness.load's Operation), repeated here so
 # that building a report never imports Locust and its gevent monkey-patching.
@@ -574,6 +581,7 @@ class _RunInput:
     rollback: dict[str, Any] | None
     lint: dict[str, Any] | None
     online: dict[str, Any] | None
+    nightly: dict[str, Any] | None
     phases: dict[str, _PhaseInput]
     missing: list[str]
 
@@ -628,6 +636,8 @@ def _read_run(run_dir: Path) -> _RunInput:
     lint = _optional_json(run_dir / LINT_FILE, dict, missing, "lint did not run")
     # online.json exists only for `rehearse --online`: its absence is no news
     online = _optional_json(run_dir / ONLINE_FILE, dict, [], "")
+    # nightly.json: written by `harness nightly` before it rebuilds this report
+    nightly = _optional_json(run_dir / NIGHTLY_FILE, dict, [], "")
     phases = {p: _read_phase(run_dir, p, missing) for p in PHASES}
     return _RunInput(
         run_dir=run_dir,
@@ -638,6 +648,7 @@ def _read_run(run_dir: Path) -> _RunInput:
         rollback=rollback,
         lint=lint,
         online=online,
+        nightly=nightly,
         phases=phases,
         missing=missing,
     )
@@ -1433,7 +1444,10 @@ def build_report(settings: ReportSettings) -> ReportResult:
         "junit": run_dir / JUNIT_FILE,
         "mapping": run_dir / ERROR_MAPPING_FILE,
     }
-    page = _render_html(summary, latency, outcomes, charts)
+    trend = None
+    if settings.charts and summary["nightly"] is not None:
+        trend = _trend_chart(summary["nightly"]["history"])
+    page = _render_html(summary, latency, outcomes, charts, trend)
     try:
         atomic_write_bytes(paths["html"], page.encode("utf-8"))
         write_json(paths["summary"], summary)
@@ -1669,6 +1683,29 @@ def _online(run: _RunInput) -> dict[str, Any] | None:
     )
 
 
+_COMPARISON_KEYS = ("kind", "name", "current", "baseline", "limit", "regression", "detail")
+
+
+def _nightly(run: _RunInput) -> dict[str, Any] | None:
+    """The nightly comparison with earlier nights, when ``harness nightly`` ran."""
+    data = run.nightly
+    if data is None:
+        return None
+    comparisons = [
+        {k: c.get(k) for k in _COMPARISON_KEYS}
+        for c in data.get("comparisons") or []
+        if isinstance(c, dict)
+    ]
+    history = [h for h in data.get("history") or [] if isinstance(h, dict)]
+    return {
+        "compared_with": data.get("compared_with"),
+        "compared_runs": list(data.get("compared_runs") or []),
+        "regressions": sum(1 for c in comparisons if c["regression"]),
+        "comparisons": comparisons,
+        "history": history,
+    }
+
+
 def _summary(
     run: _RunInput,
     gates: Gates,
@@ -1753,6 +1790,7 @@ def _summary(
         "migrations": _migrations(run),
         "lint": _lint(run),
         "online": _online(run),
+        "nightly": _nightly(run),
         "monitoring": {
             "baseline_phase": gates.monitoring.baseline_phase,
             "spike_factor": gates.monitoring.spike_factor,
@@ -1801,8 +1839,38 @@ def _junit(gates: Sequence[GateResult], summary: Mapping[str, Any], seconds: flo
             ET.SubElement(case, "skipped", message=gate.detail or "not measured")
         else:
             ET.SubElement(case, "system-out").text = text
+    nightly = summary.get("nightly")
+    if nightly is not None:
+        _junit_nightly(suites, nightly)
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _junit_nightly(suites: ET.Element, nightly: Mapping[str, Any]) -> None:
+    """One test case per comparison with earlier nights (a failure per regression)."""
+    comparisons = nightly["comparisons"]
+    failures = nightly["regressions"]
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"nightly comparisons (median of {nightly['compared_with']} earlier runs)",
+        tests=str(len(comparisons)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+    )
+    for c in comparisons:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"harness.nightly.{c['kind']}", name=str(c["name"])
+        )
+        text = f"current {c['current']}, baseline {c['baseline']}, limit {c['limit']}"
+        if c["regression"]:
+            ET.SubElement(case, "failure", message=str(c["detail"]), type="regression").text = text
+        else:
+            ET.SubElement(case, "system-out").text = f"{text}\n{c['detail']}"
+    total = int(suites.get("tests", "0")) + len(comparisons)
+    suites.set("tests", str(total))
+    suites.set("failures", str(int(suites.get("failures", "0")) + failures))
 
 
 # --------------------------------------------------------------------------
@@ -1880,6 +1948,7 @@ def _render_html(
     latency: Mapping[str, pd.DataFrame],
     outcomes: Mapping[str, pd.DataFrame],
     charts: Sequence[tuple[str, str, str]],
+    trend: tuple[str, str, str] | None = None,
 ) -> str:
     verdict = summary["verdict"]
     parts = [
@@ -1892,6 +1961,7 @@ def _render_html(
         _html_migrations(summary),
         _html_charts(charts, present=bool(latency)),
         _html_monitoring(summary),
+        _html_nightly(summary["nightly"], trend),
     ]
     nav = " ".join(
         f'<a href="#{a}">{t}</a>'
@@ -1905,6 +1975,7 @@ def _render_html(
             ("migrations", "Migrations"),
             ("charts", "Charts"),
             ("monitoring", "Monitoring"),
+            *([("nightly", "Nightly trend")] if summary["nightly"] is not None else []),
         ]
     )
     title = f"Rehearsal {summary['run_id']}: {verdict}"
@@ -1948,6 +2019,13 @@ def _html_verdict(summary: Mapping[str, Any]) -> str:
         f"<td>{_esc(g['detail'] or '')}</td></tr>"
         for g in summary["gates"]
     )
+    nightly = summary["nightly"]
+    if nightly is not None and nightly["regressions"]:
+        body += (
+            f'<p class="fail">Nightly: {nightly["regressions"]} regression(s) against the median'
+            f" of {_esc(nightly['compared_with'])} earlier runs"
+            ' (see <a href="#nightly">Nightly trend</a>).</p>'
+        )
     if summary["gates"]:
         body += f'<table class="gates"><tr>{head}</tr>{rows}</table>'
     else:
@@ -2334,6 +2412,79 @@ def _html_online(online: Mapping[str, Any] | None) -> str:
     if not waits.empty:
         body += "<h3>Longest lock waits</h3>" + _frame_html(waits)
     return body
+
+
+def _trend_chart(history: Sequence[Mapping[str, Any]]) -> tuple[str, str, str] | None:
+    """p95, refusal/error shares and migration durations over the nights."""
+    from matplotlib.figure import Figure
+
+    if len(history) < 2:
+        return None
+    frame = pd.DataFrame(list(history))
+    x = np.arange(len(frame))
+    panels = [
+        ("post p95 per operation (ms)", "p95_ms|", lambda c: c.split("|", 1)[1]),
+        ("post share of each outcome, all operations (%)", "share|all|", lambda c: c.split("|")[2]),
+        ("migration duration (s)", "migration_s|", lambda c: c.split("|", 1)[1]),
+    ]
+    fig = Figure(figsize=(11, 8.4))
+    axes = fig.subplots(len(panels), 1, squeeze=False).ravel()
+    for ax, (title, prefix, label) in zip(axes, panels, strict=True):
+        cols = [c for c in frame.columns if str(c).startswith(prefix)]
+        for col in cols:
+            values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
+            if prefix.startswith("share"):
+                values = values * 100.0
+            ax.plot(x, values, marker="o", markersize=3, label=label(col))
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if cols:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        else:
+            ax.text(0.5, 0.5, "no figures recorded", transform=ax.transAxes, ha="center")
+    labels = [str(r) for r in frame.get("run_id", pd.Series(x)).tolist()]
+    step = max(1, len(labels) // 12)
+    axes[-1].set_xticks(x[::step], labels[::step], rotation=30, ha="right", fontsize=7)
+    for ax in axes[:-1]:
+        ax.set_xticks(x[::step], [""] * len(x[::step]))
+    fig.tight_layout()
+    return (
+        "Over the recorded nights",
+        "post-migration p95, outcome shares and migration durations over the recorded nights",
+        _png(fig),
+    )
+
+
+def _html_nightly(nightly: Mapping[str, Any] | None, trend: tuple[str, str, str] | None) -> str:
+    if nightly is None:
+        return ""
+    body = (
+        f"<p>{nightly['regressions']} regression(s) in {len(nightly['comparisons'])}"
+        f" comparisons with the median of {_esc(nightly['compared_with'])} earlier"
+        " completed runs.</p>"
+    )
+    rows = pd.DataFrame(
+        [
+            {
+                "kind": c["kind"],
+                "figure": c["name"],
+                "tonight": _fmt(c["current"], 4),
+                "baseline (median)": _fmt(c["baseline"], 4),
+                "limit": _fmt(c["limit"], 4),
+                "result": "REGRESSION" if c["regression"] else "ok",
+                "detail": c["detail"],
+            }
+            for c in sorted(nightly["comparisons"], key=lambda c: not c["regression"])
+        ]
+    )
+    body += _frame_html(rows, "nothing to compare with yet: the first night of this history")
+    if trend is not None:
+        title, alt, png = trend
+        body += (
+            f'<figure class="chart"><figcaption><h3>{_esc(title)}</h3></figcaption>'
+            f'<img class="chart-img" alt="{_esc(alt)}" src="data:image/png;base64,{png}"></figure>'
+        )
+    return _section("nightly", "Nightly trend", body)
 
 
 def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> str:

@@ -599,6 +599,70 @@ def test_online_lock_waits_are_shown(tmp_path: Path) -> None:
     )
 
 
+def _nightly_json(regression: bool) -> dict:
+    history = [
+        {
+            "run_id": f"2026060{i}T000000_000000Z",
+            "recorded_at": "x",
+            "status": "completed",
+            "verdict": "PASS",
+            "p95_ms|create_booking": 6.0 + i,
+            "p95_ms|place_hold": 5.0,
+            "share|all|deadlock_detected": 0.001 * i,
+            "migration_s|002_integrity.sql": 1.0 + i / 10,
+        }
+        for i in range(1, 5)
+    ]
+    return {
+        "profile": {"seed": 7},
+        "compared_with": 3,
+        "compared_runs": [h["run_id"] for h in history[:3]],
+        "regressions": [],
+        "comparisons": [
+            {
+                "kind": "p95",
+                "name": "p95 create_booking",
+                "current": 10.0,
+                "baseline": 7.0,
+                "limit": 8.0,
+                "regression": regression,
+                "detail": "p95 create_booking <grew>",
+            },
+            {
+                "kind": "migration",
+                "name": "migration 002_integrity.sql",
+                "current": 1.4,
+                "baseline": 1.2,
+                "limit": 2.0,
+                "regression": False,
+                "detail": "within",
+            },
+        ],
+        "history": history,
+    }
+
+
+def test_nightly_comparisons_become_junit_cases_and_a_trend_chart(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=1500, extra={"nightly.json": _nightly_json(True)})
+    result = build_report(ReportSettings(run_dir=run_dir))
+    assert result.verdict is Verdict.PASS  # the verdict judges the gates; CI sees both
+    root = ET.parse(result.junit_xml).getroot()
+    suites = root.findall("testsuite")
+    assert len(suites) == 2
+    cases = {c.get("name"): c for c in suites[1].iter("testcase")}
+    assert cases["p95 create_booking"].find("failure").get("message") == (
+        "p95 create_booking <grew>"
+    )
+    assert cases["migration 002_integrity.sql"].find("failure") is None
+    assert root.get("failures") == "1"
+    assert root.get("tests") == str(len(result.gates) + 2)
+    page = result.report_html.read_text()
+    assert "Nightly: 1 regression(s)" in page and "&lt;grew&gt;" in page
+    assert page.count('src="data:image/png;base64,') == 5
+    summary = _strict_json(result.summary_json)
+    assert summary["nightly"]["regressions"] == 1
+
+
 def test_charts_are_embedded_png(tmp_path: Path) -> None:
     run_dir = standard_run(tmp_path / "run", n=2000)
     result = build_report(ReportSettings(run_dir=run_dir))
