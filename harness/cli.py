@@ -248,6 +248,8 @@ def cmd_report(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStat
         print(
             f"{gate.status.upper():<12} {gate.name}: {gate.measured} (threshold {gate.threshold})"
         )
+        if not gate.passed and gate.detail:
+            print(f"{'':13}{gate.detail}")
     for line in result.missing:
         print(f"missing:     {line}")
     print(f"verdict:     {result.verdict}")
@@ -833,6 +835,111 @@ def cmd_nightly(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSta
 
 
 # --------------------------------------------------------------------------
+# harness load
+
+
+def _add_load(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from harness.outcomes import Phase
+
+    p = sub.add_parser(
+        "load",
+        parents=parents,
+        help="run the Locust booking users headless for one phase, then count the invariants",
+        description="The booking endpoints' transactions under contention (loadtests/bookings.py"
+        " users, headless): writes samples-<phase>.parquet, Locust's CSV and HTML,"
+        " load-<phase>.json and invariants-<phase>.json into the run folder.",
+    )
+    p.add_argument(
+        "--phase", choices=[str(x) for x in Phase], default="pre", help="phase label (pre)"
+    )
+    p.add_argument("--users", type=_positive_int, default=20, help="Locust users (default: 20)")
+    p.add_argument(
+        "--duration",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="how long, e.g. 30s, 2m (default: 60s)",
+    )
+    p.add_argument(
+        "--spawn-rate", type=_positive_float, metavar="N", help="users started per second"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["lax", "strict", "auto"],
+        default="auto",
+        help="app mode: lax (SELECT then INSERT), strict (the constraints refuse), auto"
+        " (strict once allocations_no_overlap exists; default)",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="run folder to write into (default: a new reports/<run id>/)",
+    )
+    p.add_argument("--hot-tables", type=_positive_int, metavar="N", help="tables aimed at")
+    p.add_argument("--hot-windows", type=_positive_int, metavar="N", help="time windows aimed at")
+    p.add_argument(
+        "--hot-fraction", type=float, metavar="F", help="share of requests aimed at them (0..1)"
+    )
+    p.add_argument(
+        "--retry-fraction", type=float, metavar="F", help="share of creates that are retries"
+    )
+    p.add_argument(
+        "--think-time", type=float, metavar="SECONDS", help="mean pause between requests"
+    )
+    p.add_argument(
+        "--weights",
+        metavar="OP=N,...",
+        help="task weights, e.g. create_booking=10,place_hold=0 (others keep their defaults)",
+    )
+    p.set_defaults(func=cmd_load)
+
+
+def cmd_load(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
+    from harness.load import Contention, LoadSettings, Mode, parse_weights, run_load
+    from harness.rundir import new_run_id
+
+    knobs: dict[str, object] = {
+        name: getattr(args, name)
+        for name in ("hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time")
+        if getattr(args, name) is not None
+    }
+    if args.weights:
+        knobs["weights"] = parse_weights(args.weights)
+    contention = Contention(**knobs)  # type: ignore[arg-type]
+    target = _open(args, environ)
+    run_dir = args.run_dir or DEFAULT_REPORTS_DIR / new_run_id()
+    print(f"load {args.phase}: {args.users} users for {args.duration:g}s on {target.display}")
+    print(f"run folder: {run_dir}")
+    result = run_load(
+        target,
+        LoadSettings(
+            phase=args.phase,
+            users=args.users,
+            spawn_rate=args.spawn_rate,
+            duration_s=args.duration,
+            mode=Mode(args.mode),
+            contention=contention,
+            run_dir=run_dir,
+        ),
+        on_progress=lambda p: print(
+            f"  {p.elapsed_s:5.0f}s  {p.users:3d} users  {p.rps:8,.0f} req/s  "
+            + "  ".join(f"{k} {v:.1%}" for k, v in sorted(p.outcome_rates.items())),
+            flush=True,
+        ),
+    )
+    print(
+        f"mode {result.mode}: {result.requests} requests in {result.duration_s:.1f}s"
+        f" ({result.rps:,.0f}/s), {result.failures} failed"
+    )
+    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())))
+    if result.invariants is not None:
+        print("invariants: " + ", ".join(f"{k} {v}" for k, v in result.invariants.items()))
+    print(f"samples:  {result.samples_path}")
+    return ExitStatus.SUCCESS
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 # Each entry adds one sub-command; stages append theirs below.
@@ -846,6 +953,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
     _add_provision,
     _add_rehearse,
     _add_nightly,
+    _add_load,
 ]
 
 
