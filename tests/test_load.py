@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from harness.cli import main
 from harness.errors import ConfigError
 from harness.load import (
     Contention,
@@ -215,3 +216,46 @@ def test_knobs_are_checked() -> None:
         Contention(hot_fraction=1.5)
     with pytest.raises(ConfigError, match="at least one > 0"):
         Contention(weights={Operation.CREATE_BOOKING: 0})
+
+
+def test_harness_load_command_writes_the_phase_files(
+    seeded: tuple[str, Target], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = seeded
+    run_dir = tmp_path / "cli-run"
+    status = main(
+        [
+            "load",
+            "--db-url",
+            url,
+            "--phase",
+            "post",
+            "--users",
+            "4",
+            "--duration",
+            "1s",
+            "--mode",
+            "lax",
+            "--hot-fraction",
+            "0.2",
+            "--run-dir",
+            str(run_dir),
+        ],
+        environ={},
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "mode lax:" in out and "invariants: overlapping_allocations" in out
+    load = json.loads((run_dir / "load-post.json").read_text())
+    assert load["phase"] == "post" and load["users"] == 4
+    assert load["contention"]["hot_fraction"] == 0.2
+    assert len(read_samples(run_dir / "samples-post.parquet")) == load["requests"] > 0
+    assert (run_dir / "invariants-post.json").is_file()
+
+
+def test_harness_load_rejects_bad_weights(seeded: tuple[str, Target], tmp_path: Path) -> None:
+    url, _ = seeded
+    status = main(
+        ["load", "--db-url", url, "--weights", "book=1", "--run-dir", str(tmp_path)], environ={}
+    )
+    assert status == 2
