@@ -874,7 +874,11 @@ def app_response(
 ) -> AppResponse:
     """The response the app should map a database error to."""
     if outcome == Outcome.EXCLUSION_VIOLATION:
-        what = "the table is held" if "hold" in operation else "the table is taken"
+        # The constraint says which table refused: another guest's hold, or a booking.
+        held = (constraint or "").startswith("table_hold_windows") or (
+            constraint is None and operation == "place_hold"
+        )
+        what = "the table is held" if held else "the table is taken"
         return AppResponse(409, f"409 Conflict: {what} for that time; offer another slot", False)
     if outcome == Outcome.UNIQUE_VIOLATION:
         if constraint and "idempotency" in constraint:
@@ -901,7 +905,8 @@ def app_response(
         return AppResponse(422, "422 Unprocessable Entity: reject the request as invalid", False)
     if outcome == Outcome.CONNECTION_ERROR:
         return AppResponse(503, "503 Service Unavailable: retry later (reconnect first)", True)
-    return AppResponse(500, "500: unmapped error, investigate before go-live", False)
+    state = f"SQLSTATE {sqlstate}" if sqlstate else "an error without SQLSTATE"
+    return AppResponse(500, f"500: {state} is unmapped; investigate before go-live", False)
 
 
 def error_mapping(phases: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:

@@ -459,9 +459,41 @@ def test_error_mapping_suggests_the_app_response(tmp_path: Path) -> None:
     assert create["counts"]["post"] == create["count"] > 0
     replay = by_key[("23505", "create_booking")]
     assert "replay the original" in replay["response"]
+    hold = by_key[("23P01", "confirm_hold")]
+    assert "the table is taken" in hold["response"]  # allocations_no_overlap refused it
     deadlock = by_key[("40P01", "place_hold")]
     assert deadlock["retry"] is True and deadlock["constraint"] is None
     assert rows == sorted(rows, key=lambda r: -r["count"])
+
+
+def test_app_response_table() -> None:
+    from harness.report import app_response
+
+    assert app_response(
+        "exclusion_violation", "23P01", "table_hold_windows_no_overlap", "place_hold"
+    ).response.startswith("409 Conflict: the table is held")
+    assert app_response(
+        "unique_violation", "23505", "bookings_idempotency_key_key", "create_booking"
+    ).response.startswith("replay the original")
+    assert (
+        app_response(
+            "unique_violation", "23505", "booking_slots_restaurant_starts_key", "create_booking"
+        ).http_status
+        == 409
+    )
+    for outcome, status, retry in [
+        ("serialization_failure", 503, True),
+        ("lock_not_available", 503, True),
+        ("query_canceled", 503, True),
+        ("foreign_key_violation", 422, False),
+        ("not_null_violation", 422, False),
+        ("check_violation", 422, False),
+        ("connection_error", 503, True),
+    ]:
+        answer = app_response(outcome, None, None, "update_booking")
+        assert (answer.http_status, answer.retry) == (status, retry), outcome
+    other = app_response("other", "25001", None, "create_booking")
+    assert other.http_status == 500 and "SQLSTATE 25001" in other.response
 
 
 def test_password_never_reaches_the_outputs(tmp_path: Path) -> None:
