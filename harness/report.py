@@ -1262,26 +1262,35 @@ def _bucket(frame: pd.DataFrame) -> tuple[np.ndarray, float]:
     return np.floor((ts - t0) / width).astype(np.int64), width
 
 
-def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
-    """(title, alt text, base64 PNG) for each chart; empty without samples."""
-    from matplotlib.figure import Figure
+Chart = tuple[str, str, str]  # (title, alt text, base64 PNG)
 
+
+def _charts(phases: Mapping[str, pd.DataFrame]) -> list[Chart]:
+    """The page's four charts; none without samples."""
     phases = {p: f for p, f in phases.items() if not f.empty}
     if not phases:
         return []
-    charts: list[tuple[str, str, str]] = []
-    ops = [op for op in OPERATIONS if any((f["operation"] == op).any() for f in phases.values())]
-    extra = sorted(
-        {str(o) for f in phases.values() for o in f["operation"].unique()} - set(OPERATIONS)
-    )
-    ops += extra
+    ops = _operation_order({str(o) for f in phases.values() for o in f["operation"].unique()})
     buckets = {p: _bucket(f) for p, f in phases.items()}
+    return [
+        _chart_p95_over_time(phases, ops, buckets),
+        _chart_outcomes_over_time(phases, buckets),
+        _chart_cdf(phases, ops),
+        _chart_outcomes_per_operation(phases, ops),
+    ]
 
-    # 1. p95 over time per operation, every phase on the same axes.
-    cols = 2
-    rows = max(1, math.ceil(len(ops) / cols))
+
+def _chart_p95_over_time(
+    phases: Mapping[str, pd.DataFrame],
+    ops: Sequence[str],
+    buckets: Mapping[str, tuple[np.ndarray, float]],
+) -> Chart:
+    """p95 over time per operation, every phase on the same axes."""
+    from matplotlib.figure import Figure
+
+    rows = max(1, math.ceil(len(ops) / 2))
     fig = Figure(figsize=(11, 2.6 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
     for ax, op in zip(axes, ops, strict=False):
         for phase, frame in phases.items():
             mask = (frame["operation"] == op).to_numpy()
@@ -1298,17 +1307,21 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
         ax.legend(fontsize=7)
     for ax in axes[len(ops) :]:
         ax.set_visible(False)
-    axes[0].figure.supxlabel("seconds since phase start", fontsize=8)
+    fig.supxlabel("seconds since phase start", fontsize=8)
     fig.tight_layout()
-    charts.append(
-        (
-            "p95 latency over time",
-            "p95 latency per operation over time, one line per phase",
-            _png(fig),
-        )
+    return (
+        "p95 latency over time",
+        "p95 latency per operation over time, one line per phase",
+        _png(fig),
     )
 
-    # 2. Outcome rates over time, stacked, one panel per phase.
+
+def _chart_outcomes_over_time(
+    phases: Mapping[str, pd.DataFrame], buckets: Mapping[str, tuple[np.ndarray, float]]
+) -> Chart:
+    """Requests per second by outcome over time, stacked, one panel per phase."""
+    from matplotlib.figure import Figure
+
     colors = _outcome_colors()
     fig = Figure(figsize=(11, 2.8 * len(phases)))
     axes = fig.subplots(len(phases), 1, squeeze=False).ravel()
@@ -1335,19 +1348,23 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1].set_xlabel("seconds since phase start", fontsize=8)
     fig.tight_layout()
-    charts.append(
-        (
-            "Outcome rates over time",
-            "stacked requests per second by outcome over time, one panel per phase",
-            _png(fig),
-        )
+    return (
+        "Outcome rates over time",
+        "stacked requests per second by outcome over time, one panel per phase",
+        _png(fig),
     )
 
-    # 3. Latency CDF, pre versus post, for each booking path and overall.
-    cdf_ops = [op for op in ("create_booking", "update_booking", "place_hold") if op in ops]
-    panels = [*cdf_ops, ALL]
-    fig = Figure(figsize=(11, 3.0 * math.ceil(len(panels) / 2)))
-    axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).ravel()
+
+def _chart_cdf(phases: Mapping[str, pd.DataFrame], ops: Sequence[str]) -> Chart:
+    """Latency CDF of each phase, for each booking path and for all requests."""
+    from matplotlib.figure import Figure
+
+    panels = [op for op in ("create_booking", "update_booking", "place_hold") if op in ops]
+    panels.append(ALL)
+    rows = math.ceil(len(panels) / 2)
+    fig = Figure(figsize=(11, 3.0 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    # A few hundred quantiles draw the curve as well as a million points would.
     levels = np.linspace(0.0, 1.0, _CDF_POINTS)
     for ax, op in zip(axes, panels, strict=False):
         for phase, frame in phases.items():
@@ -1357,10 +1374,7 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
             if values.size == 0:
                 continue
             ax.plot(
-                np.quantile(values, levels),
-                levels,
-                label=phase,
-                color=_PHASE_COLORS.get(phase),
+                np.quantile(values, levels), levels, label=phase, color=_PHASE_COLORS.get(phase)
             )
         ax.set_xscale("log")
         ax.set_title(f"{op}: latency CDF", fontsize=9)
@@ -1370,11 +1384,14 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    charts.append(
-        ("Latency CDF, pre versus post", "cumulative latency distribution per phase", _png(fig))
-    )
+    return ("Latency CDF, pre versus post", "cumulative latency distribution per phase", _png(fig))
 
-    # 4. Outcomes per operation: share of each non-ok outcome, bar per op x phase.
+
+def _chart_outcomes_per_operation(phases: Mapping[str, pd.DataFrame], ops: Sequence[str]) -> Chart:
+    """Share of each non-ok outcome, one bar per operation and phase."""
+    from matplotlib.figure import Figure
+
+    colors = _outcome_colors()
     labels: list[str] = []
     shares: list[dict[str, float]] = []
     for op in ops:
@@ -1384,6 +1401,7 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
                 continue
             labels.append(f"{op} ({phase})")
             shares.append((sub.value_counts(normalize=True) * 100.0).to_dict())
+    # ok is left out: at 97% it would squeeze every refusal into a sliver
     present = [str(o) for o in OUTCOMES if o != Outcome.OK and any(str(o) in s for s in shares)]
     fig = Figure(figsize=(11, 0.32 * len(labels) + 1.5))
     ax = fig.subplots()
@@ -1401,14 +1419,11 @@ def _charts(phases: Mapping[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
     else:
         ax.text(0.5, 0.5, "every request was ok", transform=ax.transAxes, ha="center")
     fig.tight_layout()
-    charts.append(
-        (
-            "Outcomes per operation",
-            "share of non-ok outcomes for each operation and phase",
-            _png(fig),
-        )
+    return (
+        "Outcomes per operation",
+        "share of non-ok outcomes for each operation and phase",
+        _png(fig),
     )
-    return charts
 
 
 # --------------------------------------------------------------------------
@@ -1952,8 +1967,8 @@ def _render_html(
     summary: Mapping[str, Any],
     latency: Mapping[str, pd.DataFrame],
     outcomes: Mapping[str, pd.DataFrame],
-    charts: Sequence[tuple[str, str, str]],
-    trend: tuple[str, str, str] | None = None,
+    charts: Sequence[Chart],
+    trend: Chart | None = None,
 ) -> str:
     verdict = summary["verdict"]
     parts = [
@@ -2419,7 +2434,7 @@ def _html_online(online: Mapping[str, Any] | None) -> str:
     return body
 
 
-def _trend_chart(history: Sequence[Mapping[str, Any]]) -> tuple[str, str, str] | None:
+def _trend_chart(history: Sequence[Mapping[str, Any]]) -> Chart | None:
     """p95, refusal/error shares and migration durations over the nights."""
     from matplotlib.figure import Figure
 
@@ -2460,7 +2475,7 @@ def _trend_chart(history: Sequence[Mapping[str, Any]]) -> tuple[str, str, str] |
     )
 
 
-def _html_nightly(nightly: Mapping[str, Any] | None, trend: tuple[str, str, str] | None) -> str:
+def _html_nightly(nightly: Mapping[str, Any] | None, trend: Chart | None) -> str:
     if nightly is None:
         return ""
     body = (
@@ -2484,24 +2499,23 @@ def _html_nightly(nightly: Mapping[str, Any] | None, trend: tuple[str, str, str]
     )
     body += _frame_html(rows, "nothing to compare with yet: the first night of this history")
     if trend is not None:
-        title, alt, png = trend
-        body += (
-            f'<figure class="chart"><figcaption><h3>{_esc(title)}</h3></figcaption>'
-            f'<img class="chart-img" alt="{_esc(alt)}" src="data:image/png;base64,{png}"></figure>'
-        )
+        body += _figure_html(trend)
     return _section("nightly", "Nightly trend", body)
 
 
-def _html_charts(charts: Sequence[tuple[str, str, str]], *, present: bool) -> str:
+def _html_charts(charts: Sequence[Chart], *, present: bool) -> str:
     if not charts:
         note = "charts were turned off" if present else "no samples to chart"
         return _section("charts", "Charts", f'<p class="note">{note}</p>')
-    body = "".join(
+    return _section("charts", "Charts", "".join(_figure_html(c) for c in charts))
+
+
+def _figure_html(chart: Chart) -> str:
+    title, alt, png = chart
+    return (
         f'<figure class="chart"><figcaption><h3>{_esc(title)}</h3></figcaption>'
         f'<img class="chart-img" alt="{_esc(alt)}" src="data:image/png;base64,{png}"></figure>'
-        for title, alt, png in charts
     )
-    return _section("charts", "Charts", body)
 
 
 def _html_monitoring(summary: Mapping[str, Any]) -> str:
