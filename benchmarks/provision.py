@@ -1,0 +1,171 @@
+"""Provision speed: synthetic snapshot rows/s against the server's own insert limit.
+
+    python benchmarks/provision.py [--scale 90] [--workers 2] [--db-url URL]
+
+Without --db-url it starts a throwaway embedded PostgreSQL 18 in a temporary
+folder (the DESIGN bar is "at least 300k rows/s on the embedded server").
+It provisions the snapshot, then measures the server's limit for the same
+rows: for every app table, a bare copy of it (same columns and defaults, no
+indexes, no constraints) filled with the same number of rows by
+``INSERT ... SELECT generate_series`` of constant-cost values, split over the
+same number of sessions. It prints both rates and their ratio. The load
+average is printed too: other work on the machine skews every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.provision import APP_TABLES, ProvisionSettings, provision  # noqa: E402
+from harness.target import (  # noqa: E402
+    TargetSettings,
+    open_target,
+    start_embedded,
+    stop_embedded,
+    with_database,
+)
+
+BAR_ROWS_PER_S = 300_000
+
+# Cheap values of each column type: the limit measures inserting, not generating.
+_VALUE_BY_TYPE = {
+    "bigint": "g",
+    "integer": "mod(g, 1000)::int",
+    "text": "'restaurant-booking'",
+    "boolean": "true",
+    "date": "current_date",
+    "timestamp with time zone": "now()",
+    "tstzrange": "tstzrange(now(), now() + interval '90 minutes')",
+    "uuid": "'8a7b8f52-1f0e-4c51-9a43-5b0a7b1c2d3e'::uuid",
+}
+
+
+def server_limit(url: str, rows: dict[str, int], workers: int) -> tuple[float, int]:
+    """Seconds to insert ``rows`` into bare copies of the app tables, over ``workers`` sessions."""
+    jobs: list[tuple[str, str, int, int]] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in APP_TABLES:
+            bare = f"bench_{table}"
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(bare)))
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
+                    sql.Identifier(bare), sql.Identifier(table)
+                )
+            )
+            columns = conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"
+                " ORDER BY attnum",
+                (bare,),
+            ).fetchall()
+            select = sql.SQL(", ").join(
+                sql.SQL(_VALUE_BY_TYPE.get(kind, "NULL")) for _, kind in columns
+            )
+            insert = sql.SQL(
+                "INSERT INTO {} ({}) SELECT {} FROM generate_series(%s::bigint, %s::bigint) AS g"
+            ).format(
+                sql.Identifier(bare),
+                sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns),
+                select,
+            )
+            n = rows.get(table, 0)
+            step = max(1, -(-n // (2 * workers)))
+            for lo in range(1, n + 1, step):
+                jobs.append((insert.as_string(conn), table, lo, min(n, lo + step - 1)))
+
+    conns = [psycopg.connect(url, autocommit=True) for _ in range(workers)]
+    for c in conns:
+        c.execute("SET synchronous_commit = off")
+
+    def run(i: int) -> int:
+        conn = conns[i % workers]
+        done = 0
+        for query, _, lo, hi in jobs[i::workers]:
+            done += conn.execute(query, (lo, hi)).rowcount
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        inserted = sum(pool.map(run, range(workers)))
+    seconds = time.perf_counter() - started
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in APP_TABLES:
+            conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f"bench_{table}"))
+            )
+    for c in conns:
+        c.close()
+    return seconds, inserted
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=int, default=90, help="90 gives about 1M allocations")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--db-url", help="benchmark this database instead of an embedded one")
+    args = parser.parse_args()
+
+    tmp = None
+    if args.db_url:
+        url = args.db_url
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="harness-bench-")
+        admin = start_embedded(Path(tmp.name) / "data")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bench")
+        url = with_database(admin, "bench")
+    try:
+        target = open_target(TargetSettings(db_url=url), environ={})
+        print(f"server: PostgreSQL {target.server_version}, {os.cpu_count()} CPUs", flush=True)
+        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        result = provision(
+            target,
+            ProvisionSettings(
+                scale=args.scale,
+                seed=args.seed,
+                anchor=datetime.now(UTC).replace(minute=0, second=0, microsecond=0),
+                yes_destroy_target_data=True,
+                workers=args.workers,
+            ),
+        )
+        for table, n in result.rows.items():
+            print(f"  {table:<20} {n:>10,}")
+        ours = result.total_rows / result.seconds
+        print(
+            f"provision: {result.total_rows:,} rows in {result.seconds:.2f} s"
+            f" = {ours:,.0f} rows/s (scale {args.scale}, {args.workers} sessions,"
+            f" indexes, constraints and ANALYZE included)",
+            flush=True,
+        )
+        seconds, inserted = server_limit(url, result.rows, args.workers)
+        limit = inserted / seconds
+        print(
+            f"server limit: {inserted:,} rows in {seconds:.2f} s = {limit:,.0f} rows/s"
+            f" (INSERT ... SELECT generate_series into bare copies, {args.workers} sessions)"
+        )
+        print(f"ratio provision / server limit: {ours / limit:.2f}")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        verdict = "meets" if ours >= BAR_ROWS_PER_S else "MISSES"
+        print(f"{verdict} the bar of {BAR_ROWS_PER_S:,} rows/s")
+        return 0 if ours >= BAR_ROWS_PER_S else 1
+    finally:
+        if tmp is not None:
+            stop_embedded(Path(tmp.name) / "data")
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
