@@ -1160,7 +1160,6 @@ def _write_locustfile_files(ctx: LoadContext) -> None:
             "html_file": None,
         },
     )
-    log.info("wrote %s samples to %s", len(ctx.store), path)
 
 
 _TARGETS: dict[str, Target] = {}
