@@ -605,6 +605,7 @@ class _Loader:
             self._all.append(conn)
             self._idle.put(conn)
         self.main = self._all[0]
+        self.workers = len(self._all)
 
     def close(self) -> None:
         for conn in self._all:
@@ -697,6 +698,7 @@ def _synthetic(
         skip_fk_checks = can_skip_fk_checks(conn)
         deferred = _drop_secondary(conn, keep_fks=skip_fk_checks)
         conn.commit()
+    log.debug("tables emptied in %.3f s", time.perf_counter() - started)
     # From here the load runs on several sessions, each chunk committing on
     # its own (one transaction cannot span sessions). Until the manifest row
     # is written at the very end, the database has no manifest: other stages
@@ -713,11 +715,19 @@ def _synthetic(
     try:
         _load_clean(loader)
         clean = dict(loader.rows)
-        dirt = _plant_dirt(loader, rates, clean)
+        with loader.main.transaction():
+            # The dirt draws a few hundred rows by primary key out of tables
+            # loaded seconds ago and not analyzed yet: without statistics the
+            # planner would hash whole tables to find them.
+            loader.main.execute("SET LOCAL enable_hashjoin = off")
+            loader.main.execute("SET LOCAL enable_mergejoin = off")
+            dirt = _plant_dirt(loader, rates, clean)
         _finish_tables(loader.main)
         if progress:
             progress("indexes", loader.done, loader.done)
+        log.debug("rows loaded after %.3f s", time.perf_counter() - started)
         _restore_secondary(loader, deferred)
+        log.debug("indexes and statistics after %.3f s", time.perf_counter() - started)
         counts = dict(loader.rows)
         seconds = time.perf_counter() - started
         total = sum(counts.values())
@@ -933,15 +943,15 @@ FROM (
                    dur, slot_k
             FROM (
                 SELECT c, d, s, sd, restaurant_id, capacity, tz, u, p,
-                       """
-    + _fill(_START_MIN, c="c", s="s")
-    + """ AS start_min,
+                       (ARRAY[690, 1020, 1200])[s + 1] + 15 * j AS start_min,
+                       (ARRAY[0, 11, 23])[s + 1] + j AS slot_k,
                        """
     + _fill(_DURATION, c="c", s="s")
-    + """ AS dur,
-                       """
-    + _fill(_SLOT_K, c="c", s="s")
-    + """ AS slot_k
+    + """ AS dur
+                FROM (
+                SELECT *, """
+    + _fill(_J, c="c", s="s")
+    + """ AS j
                 FROM (
                     SELECT *, U(book, c) AS u FROM (
                     SELECT ((t.id - 1) * {ndays} + ds.d) * 3 + ds.s AS c, ds.d, ds.s, ds.sd,
@@ -961,6 +971,7 @@ FROM (
                     OFFSET 0) AS cand
                 ) AS scored
                 WHERE u < p + 0.06 OFFSET 0
+                ) AS jittered OFFSET 0
             ) AS timed OFFSET 0
         ) AS ended OFFSET 0
     ) AS created OFFSET 0
@@ -979,22 +990,26 @@ WHERE b.status <> 'cancelled' AND b.id BETWEEN {lo} AND {hi}
 """
 
 # Slots every 15 minutes in lunch and dinner service; the cover counter is
-# what the app would have counted, the cap is the restaurant's seats.
+# what the app counted for the clean bookings (the planted double bookings
+# are ones it never saw), the cap is the restaurant's seats. Run per range of
+# restaurants, right after the bookings of their tables ({id_lo}..{id_hi}).
 _SQL_SLOTS = """
 INSERT INTO booking_slots (id, restaurant_id, starts_at, covers_total, covers_booked,
                            created_at, updated_at)
 SELECT sl.id, sl.restaurant_id, sl.starts_at, sl.total, coalesce(bk.covers, 0), sl.ca, sl.ca
 FROM (
     SELECT ((r.id - 1) * {ndays} + d) * 32 + k + 1 AS id, r.id AS restaurant_id, seats.total,
-           (day.sd + (CASE WHEN k < 11 THEN 690 + 15 * k ELSE 1020 + 15 * (k - 11) END)
-                     * interval '1 minute') AT TIME ZONE r.timezone AS starts_at,
+           day.opens + (CASE WHEN k < 11 THEN 30 + 15 * k ELSE 360 + 15 * (k - 11) END)
+                       * interval '1 minute' AS starts_at,
            day.ca
     FROM restaurants AS r
     JOIN (SELECT restaurant_id, sum(capacity)::int AS total FROM dining_tables GROUP BY 1)
          AS seats ON seats.restaurant_id = r.id
     CROSS JOIN generate_series(0, {ndays} - 1) AS d
     CROSS JOIN LATERAL (
-        SELECT {first_date}::date + d AS sd,
+        -- One time zone conversion per restaurant and day: service hours
+        -- (11:00..22:00) never contain a daylight-saving switch.
+        SELECT ({first_date}::date + d + time '11:00') AT TIME ZONE r.timezone AS opens,
                least({anchor}::timestamptz,
                      (({first_date}::date + d - 28) + time '09:00') AT TIME ZONE r.timezone) AS ca
     ) AS day
@@ -1002,8 +1017,7 @@ FROM (
     WHERE r.id BETWEEN {lo} AND {hi}
 ) AS sl
 LEFT JOIN (SELECT slot_id, sum(party_size)::int AS covers FROM bookings
-           WHERE status <> 'cancelled' AND party_size IS NOT NULL
-             AND slot_id BETWEEN ({lo} - 1) * {ndays} * 32 + 1 AND {hi} * {ndays} * 32
+           WHERE id BETWEEN {id_lo} AND {id_hi} AND status <> 'cancelled'
            GROUP BY slot_id) AS bk
   ON bk.slot_id = sl.id
 """
@@ -1054,28 +1068,41 @@ def _load_clean(loader: _Loader) -> dict[str, int]:
     plan.tables = loader.run("dining_tables", _SQL_TABLES)
     plan.bookings_grid = plan.tables * plan.days * SEATINGS
     per_table = _expected_bookings_per_table(plan)
-    per_candidate = per_table / (plan.days * SEATINGS)
+    ids_per_table = plan.days * SEATINGS
 
-    def bookings_then_allocations(job: Job, lo: int, hi: int) -> Job:
-        # The allocations of a range of tables are the bookings of that range.
+    # Tables are numbered restaurant by restaurant, so a range of restaurants
+    # is a range of tables, and their bookings a range of booking ids: one job
+    # loads the bookings, allocations and slots of a range of restaurants.
+    ranges = loader.main.execute(
+        "SELECT restaurant_id, min(id), max(id) FROM dining_tables GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    target_tables = max(1, min(CHUNK_ROWS / per_table, plan.tables / (2 * loader.workers)))
+    groups: list[list[tuple[int, int, int]]] = [[]]
+    for row in ranges:
+        if groups[-1] and groups[-1][-1][2] - groups[-1][0][1] + 1 >= target_tables:
+            groups.append([])
+        groups[-1].append(row)
+
+    def service(group: list[tuple[int, int, int]]) -> Job:
+        r_lo, r_hi = group[0][0], group[-1][0]
+        t_lo, t_hi = group[0][1], group[-1][2]
+        id_lo, id_hi = (t_lo - 1) * ids_per_table + 1, t_hi * ids_per_table
+
         def run(conn: psycopg.Connection) -> int:
-            n = job(conn)
-            lo_id, hi_id = (lo - 1) * plan.days * SEATINGS + 1, hi * plan.days * SEATINGS
-            return n + loader.run("allocations", _SQL_ALLOCATIONS, conn=conn, lo=lo_id, hi=hi_id)
+            n = loader.run("bookings", _SQL_BOOKINGS, conn=conn, lo=t_lo, hi=t_hi)
+            n += loader.run("allocations", _SQL_ALLOCATIONS, conn=conn, lo=id_lo, hi=id_hi)
+            return n + loader.run(
+                "booking_slots", _SQL_SLOTS, conn=conn, lo=r_lo, hi=r_hi, id_lo=id_lo, id_hi=id_hi
+            )
 
         return run
 
-    booking_jobs = [
-        bookings_then_allocations(job, job.keywords["lo"], job.keywords["hi"])
-        for job in loader.chunks("bookings", _SQL_BOOKINGS, plan.tables, per_table)
-    ]
     # Heaviest first, so that the light ones fill the gaps at the end.
     loader.parallel(
-        booking_jobs
+        [service(group) for group in groups]
         + loader.chunks("table_inventory", _SQL_INVENTORY, plan.tables, plan.days)
         + loader.chunks("customers", _SQL_CUSTOMERS, plan.customers, 1)
     )
-    del per_candidate
     loader.run(
         "table_hold_windows",
         _SQL_LIVE_HOLDS,
@@ -1168,10 +1195,6 @@ def _plant_dirt(loader: _Loader, rates: Mapping[str, float], clean: dict[str, in
         loader.run("table_inventory", _SQL_OTHER_RESTAURANT_INVENTORY, n=n, base=inv_base)
         if n
         else 0
-    )
-    # Slots last: their cover counters count every booking, planted ones too.
-    loader.parallel(
-        loader.chunks("booking_slots", _SQL_SLOTS, plan.restaurants, plan.days * SLOTS_PER_DAY)
     )
     return {kind: dirt.get(kind, 0) for kind in DIRT_KINDS}
 
