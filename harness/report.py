@@ -59,7 +59,8 @@ Written into the run folder, each atomically:
       "lint": {"ok", "squawk_version", "new": n, "accepted": n,
                "findings": [{"file", "line", "rule", "level", "message",
                              "accepted", "reason"}]} | null,
-      "online": {"samples_taken", "interval_s", "sampler_error",
+      "online": {"writers_blocked": n, "longest_wait_s",
+                 "samples_taken", "interval_s", "sampler_error",
                  "files": [{"file", "duration_s", "writers_blocked", "waits",
                             "longest_wait_s", "total_wait_s",
                             "lock_not_available", "query_canceled",
@@ -1693,6 +1694,11 @@ def _online(run: _RunInput) -> dict[str, Any] | None:
     longest = sorted(waits, key=lambda w: -float(w.get("wait_s") or 0.0))[:20]
     return _mask(
         {
+            # the two figures a reviewer asks first: how many writers, how long at worst
+            "writers_blocked": sum(int(f.get("writers_blocked") or 0) for f in files),
+            "longest_wait_s": max(
+                (float(f.get("longest_wait_s") or 0.0) for f in files), default=0.0
+            ),
             "samples_taken": data.get("samples_taken"),
             "interval_s": data.get("interval_s"),
             "sampler_error": data.get("sampler_error"),
@@ -2393,7 +2399,8 @@ def _html_online(online: Mapping[str, Any] | None) -> str:
     if online is None:
         return ""
     body = (
-        f"<h3>Migrating under load: writers blocked</h3>"
+        f"<h3>Migrating under load: {_fmt(online['writers_blocked'])} writer(s) blocked,"
+        f" longest wait {_fmt(online['longest_wait_s'], 3)} s</h3>"
         f'<p class="note">pg_locks sampled every {_fmt(online["interval_s"])} s'
         f" ({_fmt(online['samples_taken'])} samples, {_fmt(online['waits'])} waits seen).</p>"
     )

@@ -622,9 +622,13 @@ def test_online_lock_waits_are_shown(tmp_path: Path) -> None:
     result = _report(run_dir)
     summary = _strict_json(result.summary_json)
     assert summary["online"]["files"][0]["writers_blocked"] == 3
+    assert summary["online"]["writers_blocked"] == 3
+    assert summary["online"]["longest_wait_s"] == 0.8
     assert [w["wait_s"] for w in summary["online"]["longest_waits"]] == [0.8, 0.1]
     page = result.report_html.read_text()
-    assert "Migrating under load" in page and "ADD CONSTRAINT &lt;x&gt;" in page
+    assert (
+        "Migrating under load: 3 writer(s) blocked" in page and "ADD CONSTRAINT &lt;x&gt;" in page
+    )
     assert not any("online" in m for m in summary["missing"])
     assert (
         _strict_json(_report(standard_run(tmp_path / "r2", n=300)).summary_json)["online"] is None
