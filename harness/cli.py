@@ -302,6 +302,14 @@ def _add_migrate(sub: argparse._SubParsersAction, parents: list[argparse.Argumen
     )
     _migration_options(p)
     p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="try a file up to N more times after a deadlock, serialization failure or lock"
+        " timeout (it was rolled back whole; each attempt is in the ledger) (default: 0)",
+    )
+    p.add_argument(
         "--to",
         metavar="FILE",
         help="stop after this migration: a number (002) or a file name (default: all)",
@@ -342,6 +350,7 @@ def cmd_migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSta
         dry_run=args.dry_run,
         force=args.force,
         include_baseline=not args.no_baseline,
+        retries=max(0, args.retries),
     )
     if not args.json:
         verb = "plan for" if args.dry_run else "migrating"

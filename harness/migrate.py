@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 DEFAULT_ROLLBACK_FILE = "rollback_001_003.sql"
 NO_TRANSACTION_MARKER = "-- harness: no-transaction"
+# Failures after which a transactional file is safe to try again.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
 LEDGER_SCHEMA = "harness"
 LEDGER_TABLE = "migration_ledger"
 # One runner at a time per database (session advisory lock, key derived from this).
@@ -120,6 +122,11 @@ class MigrateSettings:
     force: bool = False
     # False: leave 000_baseline.sql out of the plan (the schema exists already).
     include_baseline: bool = True
+    # Attempts more for a transactional file that failed with a deadlock, a
+    # serialization failure or a lock timeout: it was rolled back whole, so
+    # trying again is safe, and under live writers it is what a person would do.
+    retries: int = 0
+    retry_delay_s: float = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,8 +187,16 @@ class MigrateResult:
     applied: list[LedgerEntry] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: LedgerEntry | None = None
+    # Failed attempts that were retried (deadlock, lock timeout...), in order.
+    retried: list[LedgerEntry] = field(default_factory=list)
     duration_s: float = 0.0
     dry_run: bool = False
+
+    @property
+    def entries(self) -> list[LedgerEntry]:
+        """Every ledger row this run wrote, in the order they were written."""
+        rows = [*self.retried, *self.applied, *([self.failed] if self.failed else [])]
+        return sorted(rows, key=lambda e: e.started_at)
 
     @property
     def ok(self) -> bool:
@@ -196,6 +211,7 @@ class MigrateResult:
             "planned": [asdict(step) for step in self.planned],
             "applied": [entry.as_dict() for entry in self.applied],
             "skipped": list(self.skipped),
+            "retried": [entry.as_dict() for entry in self.retried],
             "failed": self.failed.as_dict() if self.failed else None,
         }
 
@@ -898,6 +914,7 @@ def migrate(
         steps = plan(files, current_state(_read_ledger(conn)), force=settings.force)
         by_name = {f.name: f for f in files}
         applied: list[LedgerEntry] = []
+        retried: list[LedgerEntry] = []
         skipped: list[str] = []
         for step in steps:
             f = by_name[step.file]
@@ -905,23 +922,42 @@ def migrate(
                 skipped.append(f.name)
                 _emit(on_event, MigrationEvent(kind="skip", file=f.name, mode=str(f.mode)))
                 continue
-            try:
-                applied.append(_apply_file(conn, f, settings, on_event))
-            except MigrationError as exc:
-                exc.result = MigrateResult(  # type: ignore[attr-defined]
-                    sql_dir=settings.sql_dir,
-                    planned=steps,
-                    applied=applied,
-                    skipped=skipped,
-                    failed=getattr(exc, "entry", None),
-                    duration_s=time.perf_counter() - clock,
-                )
-                raise
+            for attempt in range(settings.retries + 1):
+                try:
+                    applied.append(_apply_file(conn, f, settings, on_event))
+                    break
+                except MigrationError as exc:
+                    entry = getattr(exc, "entry", None)
+                    transient = (
+                        f.mode is FileMode.TRANSACTION and exc.sqlstate in TRANSIENT_SQLSTATES
+                    )
+                    if transient and entry is not None and attempt < settings.retries:
+                        retried.append(entry)
+                        log.warning("%s; retrying (%d of %d)", exc, attempt + 1, settings.retries)
+                        _emit(
+                            on_event,
+                            MigrationEvent(
+                                kind="retry", file=f.name, mode=str(f.mode), detail=exc.message
+                            ),
+                        )
+                        time.sleep(settings.retry_delay_s * (attempt + 1))
+                        continue
+                    exc.result = MigrateResult(  # type: ignore[attr-defined]
+                        sql_dir=settings.sql_dir,
+                        planned=steps,
+                        applied=applied,
+                        skipped=skipped,
+                        failed=entry,
+                        retried=retried,
+                        duration_s=time.perf_counter() - clock,
+                    )
+                    raise
     return MigrateResult(
         sql_dir=settings.sql_dir,
         planned=steps,
         applied=applied,
         skipped=skipped,
+        retried=retried,
         duration_s=time.perf_counter() - clock,
     )
 

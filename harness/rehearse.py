@@ -335,6 +335,9 @@ def _migrate_settings(run: _Run) -> MigrateSettings:
         lock_timeout=run.settings.lock_timeout,
         statement_timeout=run.settings.statement_timeout,
         include_baseline=run.baseline_catalog is None,
+        # Under --online the writers keep going: a deadlock with them is
+        # recorded in the ledger and the file is tried again.
+        retries=3,
     )
 
 
@@ -367,8 +370,7 @@ def _migrate(run: _Run, record: StageRecord) -> Any:
 
 
 def _write_ledger(run: _Run, result: Any) -> None:
-    entries = list(result.applied) + ([result.failed] if result.failed else [])
-    write_json(run.run_dir / LEDGER_FILE, [e.as_dict() for e in entries])
+    write_json(run.run_dir / LEDGER_FILE, [e.as_dict() for e in result.entries])
 
 
 def _migrate_online(run: _Run, record: StageRecord) -> Any:
@@ -416,11 +418,7 @@ def _migrate_online(run: _Run, record: StageRecord) -> Any:
     result = outcome.get("result") or getattr(error, "result", None)
     if result is not None:
         _write_ledger(run, result)
-    entries = []
-    if result is not None:
-        entries = [
-            e.as_dict() for e in list(result.applied) + ([result.failed] if result.failed else [])
-        ]
+    entries = [e.as_dict() for e in result.entries] if result is not None else []
     frame = read_samples(load.samples_path)
     failed = frame[frame["outcome"].isin(["lock_not_available", "query_canceled"])]
     by_file = summarize_by_file(
