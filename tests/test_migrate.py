@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -418,6 +419,32 @@ def test_lock_timeout_fails_002_with_lock_not_available_and_the_rerun_succeeds(b
 
     result = migrate(baseline_target, MigrateSettings(sql_dir=SQL_DIR, lock_timeout="200ms"))
     assert [e.file for e in result.applied] == REAL_FILES[2:]
+
+
+def test_retries_try_a_file_again_after_a_lock_timeout(baseline_target):
+    migrate(baseline_target, MigrateSettings(sql_dir=SQL_DIR, to="001"))
+    blocker = baseline_target.connect()
+    blocker.execute("LOCK TABLE allocations IN ACCESS SHARE MODE")  # an open reader
+    # The reader ends while the runner waits between attempts.
+    release = threading.Timer(0.4, blocker.rollback)
+    release.start()
+    try:
+        result = migrate(
+            baseline_target,
+            MigrateSettings(
+                sql_dir=SQL_DIR, to="002", lock_timeout="200ms", retries=3, retry_delay_s=0.3
+            ),
+        )
+    finally:
+        release.join()
+        blocker.close()
+    assert [e.file for e in result.applied] == ["002_integrity.sql"]
+    assert result.retried and all(e.sqlstate == "55P03" for e in result.retried)
+    rows = [(e.file, e.outcome) for e in read_ledger(baseline_target) if e.file.startswith("002")]
+    assert rows == [("002_integrity.sql", "failed")] * len(result.retried) + [
+        ("002_integrity.sql", "applied")
+    ]
+    assert [e.outcome for e in result.entries][-1] == "applied"
 
 
 def test_a_second_runner_is_refused_while_one_works(baseline_target):
