@@ -590,7 +590,121 @@ class _RunInput:
         return self.phases[phase].samples is not None
 
 
-def _optional_json(path: Path, kind: type, missing: list[str], why: str) -> Any:
+# What the report reads of each JSON file, checked once when the file is read
+# so that a damaged or foreign file is one error naming it, never a traceback
+# deep inside the page. Every field may be absent or null unless it is listed
+# in _REQUIRED; ("list", {...}) is a list of objects checked field by field.
+_NUMBER_LIST_ITEM = {"duration_s": "num"}
+_SHAPES: dict[str, dict[str, Any]] = {
+    RUN_FILE: {
+        "status": "str",
+        "failed_stage": "str",
+        "started_at": "str",
+        "finished_at": "str",
+        "target": "dict",
+        "settings": "dict",
+        "stages": ("list", _NUMBER_LIST_ITEM),
+    },
+    MANIFEST_FILE: {"rows": "dict[num]", "dirt": "dict[num]"},
+    LEDGER_FILE: {"entries": ("list", {"file": "str", "duration_s": "num"})},
+    VALIDATION_FILE: {
+        "checks": ("list", {}),
+        "integrity": "dict[num]",
+        "quarantine": "dict[num]",
+        "invariants": "dict[num]",
+    },
+    ROLLBACK_FILE: {"differences": "list", "duration_s": "num"},
+    LINT_FILE: {"new": ("list", {"line": "num"}), "accepted": ("list", {"line": "num"})},
+    ONLINE_FILE: {
+        "samples_taken": "num",
+        "interval_s": "num",
+        "files": (
+            "list",
+            {
+                k: "num"
+                for k in (
+                    "duration_s",
+                    "writers_blocked",
+                    "waits",
+                    "longest_wait_s",
+                    "total_wait_s",
+                    "lock_not_available",
+                    "query_canceled",
+                )
+            }
+            | {"blocking_statements": "list"},
+        ),
+        "waits": ("list", {"wait_s": "num", "blocked_by_queries": "list"}),
+    },
+    NIGHTLY_FILE: {
+        "compared_with": "num",
+        "compared_runs": "list",
+        "comparisons": (
+            "list",
+            {"current": "num", "baseline": "num", "limit": "num", "regression": "bool"},
+        ),
+        "history": ("list", {}),
+    },
+    "load": {"duration_s": "num", "contention": "dict"},
+    "invariants": {"counts": "dict[num]"},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    LEDGER_FILE: ("file",),
+    "invariants": ("counts",),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_KINDS: dict[str, tuple[str, Any]] = {
+    "num": ("a number", _is_number),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "dict": ("an object", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "dict[num]": (
+        "an object of numbers",
+        lambda v: isinstance(v, dict) and all(x is None or _is_number(x) for x in v.values()),
+    ),
+}
+
+
+def _check_shape(
+    path: Path, data: Mapping[str, Any], spec: Mapping[str, Any], required: Sequence[str] = ()
+) -> None:
+    def bad(name: str, wanted: str, value: Any) -> SamplesError:
+        return SamplesError(
+            f"{path}: {name!r} must be {wanted}, found {type(value).__name__}",
+            hint="the file was damaged or written by something else; rerun that stage",
+        )
+
+    for key in required:
+        if data.get(key) is None:
+            raise SamplesError(f"{path}: {key!r} is missing", hint="rerun that stage")
+    for key, want in spec.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(want, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise bad(key, "a list of objects", value)
+            for i, item in enumerate(value):
+                for sub, sub_want in want[1].items():
+                    wanted, ok = _KINDS[sub_want]
+                    if item.get(sub) is not None and not ok(item[sub]):
+                        raise bad(f"{key}[{i}].{sub}", wanted, item[sub])
+            continue
+        wanted, ok = _KINDS[want]
+        if not ok(value):
+            raise bad(key, wanted, value)
+
+
+def _optional_json(
+    path: Path, kind: type, missing: list[str], why: str, shape: str | None = None
+) -> Any:
+    """The file's JSON, checked against ``_SHAPES[shape or path.name]``; None if absent."""
     if not path.exists():
         missing.append(f"{path.name}: not found ({why})")
         return None
@@ -601,6 +715,14 @@ def _optional_json(path: Path, kind: type, missing: list[str], why: str) -> Any:
             f"{'object' if kind is dict else 'list'}, found {type(data).__name__}",
             hint="the file was not written by this harness's stages; rerun that stage",
         )
+    key = shape or path.name
+    if kind is list:
+        # a list file (the ledger): check it as the entries of an object
+        _check_shape(path, {"entries": data}, _SHAPES[key])
+        for entry in data:
+            _check_shape(path, entry, {}, _REQUIRED.get(key, ()))
+    else:
+        _check_shape(path, data, _SHAPES.get(key, {}), _REQUIRED.get(key, ()))
     return data
 
 
@@ -659,15 +781,16 @@ def _read_phase(run_dir: Path, phase: str, missing: list[str]) -> _PhaseInput:
     # The online phase is optional: its absence is not worth a line.
     quiet: list[str] = []
     sink = quiet if phase == Phase.ONLINE else missing
-    load = _optional_json(run_dir / load_file(phase), dict, sink, f"the {phase} load did not run")
-    invariants = _optional_json(
-        run_dir / invariants_file(phase), dict, sink, f"invariants after {phase} not checked"
+    load = _optional_json(
+        run_dir / load_file(phase), dict, sink, f"the {phase} load did not run", "load"
     )
-    if invariants is not None and not isinstance(invariants.get("counts"), dict):
-        raise SamplesError(
-            f"{run_dir / invariants_file(phase)} has no 'counts' object",
-            hint="rerun the validate stage",
-        )
+    invariants = _optional_json(
+        run_dir / invariants_file(phase),
+        dict,
+        sink,
+        f"invariants after {phase} not checked",
+        "invariants",
+    )
     path = run_dir / samples_file(phase)
     if not path.exists():
         reason = f"{path.name} not found: the {phase} load did not run or did not finish"
@@ -1047,13 +1170,8 @@ def _gate_expected_objects(run: _RunInput) -> GateResult:
 
 
 def _checks(run: _RunInput) -> list[dict[str, Any]]:
-    checks = (run.validation or {}).get("checks", [])
-    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
-        raise SamplesError(
-            f"{run.run_dir / VALIDATION_FILE}: 'checks' must be a list of objects",
-            hint="rerun the validate stage",
-        )
-    return checks
+    # shape checked on reading: a list of objects, or absent
+    return list((run.validation or {}).get("checks") or [])
 
 
 def _gate_p95(op: str, ci: DeltaCI | None, run: _RunInput, gates: Gates) -> GateResult:
@@ -1623,12 +1741,7 @@ def _quarantine_rows(run: _RunInput) -> list[dict[str, Any]]:
 
 def _migrations(run: _RunInput) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for row in run.ledger or []:
-        if not isinstance(row, dict) or "file" not in row:
-            raise SamplesError(
-                f"{run.run_dir / LEDGER_FILE}: every entry needs a 'file'",
-                hint="rerun the migrate stage",
-            )
+    for row in run.ledger or []:  # entries checked on reading: objects with a 'file'
         out[str(row["file"])] = {
             "sha256": row.get("sha256"),
             "outcome": row.get("outcome"),

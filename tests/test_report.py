@@ -440,7 +440,8 @@ def test_unwritable_report_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_unknown_files_are_ignored(tmp_path: Path) -> None:
-    run_dir = standard_run(tmp_path / "run", n=300, extra={"online.json": {"files": [1, "x"]}})
+    extra = {"online.json": {"from_the_future": [1]}, "future.json": [{"x": 1}]}
+    run_dir = standard_run(tmp_path / "run", n=300, extra=extra)
     (run_dir / "notes.txt").write_text("hello")
     assert _report(run_dir).summary_json.exists()
 
@@ -746,3 +747,42 @@ def test_reads_samples_written_by_the_load_stage_writer(tmp_path: Path) -> None:
             "retry": False,
         }
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("run.json", {"format_version": 1, "stages": "nope", "target": None, "settings": []}),
+        ("run.json", {"format_version": 1, "stages": [1, None], "status": 3}),
+        ("manifest.json", {"dirt": [1, 2], "rows": "many", "seed": {"x": 1}}),
+        ("ledger.json", [{"file": "001.sql"}, {"file": 2, "duration_s": "slow"}]),
+        ("ledger.json", [{"sha256": "x"}]),
+        ("validation.json", {"ok": True, "checks": [{"name": "x"}], "quarantine": [1]}),
+        ("validation.json", {"ok": True, "checks": "all"}),
+        ("invariants-post.json", {"counts": {"overlapping_allocations": "two"}}),
+        ("invariants-post.json", {"counts": [1]}),
+        ("load-post.json", {"duration_s": "long", "users": None, "contention": [1]}),
+        ("rollback.json", {"differences": "x", "catalog_equal": "maybe"}),
+        ("lint.json", {"new": [1, {"file": None}], "accepted": "x"}),
+        ("online.json", {"files": [{"writers_blocked": "x"}], "waits": [{"wait_s": "y"}]}),
+        ("nightly.json", {"comparisons": [1, {"name": None}], "history": [{"run_id": 1}, 2]}),
+        ("run.json", [1, 2, 3]),
+        ("run.json", {"format_version": 1, "target": {"display": 5, "server_version": [1]}}),
+        ("manifest.json", {"rows": {"bookings": "many"}}),
+        ("load-pre.json", {"users": {"a": 1}, "mode": ["lax"], "interrupted": "yes"}),
+        ("validation.json", {"checks": [{"name": ["x"], "ok": "no", "validated": 3}]}),
+    ],
+)
+def test_odd_json_is_reported_or_a_clear_error(
+    tmp_path: Path, name: str, payload: object, capsys
+) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    (run_dir / name).write_text(json.dumps(payload))
+    status = main(["report", str(run_dir), "--no-charts"])
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    if status == 2:
+        assert name in err
+    else:
+        assert status in (0, 1)
+        _strict_json(run_dir / "summary.json")
