@@ -1,6 +1,6 @@
 """Provision speed: synthetic snapshot rows/s against the server's own insert limit.
 
-    python benchmarks/provision.py [--scale 90] [--workers 2] [--db-url URL]
+    python benchmarks/provision.py [--scale 100] [--workers 2] [--db-url URL]
 
 Without --db-url it starts a throwaway embedded PostgreSQL 18 in a temporary
 folder (the DESIGN bar is "at least 300k rows/s on the embedded server").
@@ -15,6 +15,7 @@ average is printed too: other work on the machine skews every figure.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -112,11 +113,15 @@ def server_limit(url: str, rows: dict[str, int], workers: int) -> tuple[float, i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", type=int, default=90, help="90 gives about 1M allocations")
+    parser.add_argument("--scale", type=int, default=100, help="100 gives about 1M allocations")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--db-url", help="benchmark this database instead of an embedded one")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every statement")
     args = parser.parse_args()
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)7.0f ms %(message)s")
+        logging.getLogger("psycopg").setLevel(logging.WARNING)
 
     tmp = None
     if args.db_url:

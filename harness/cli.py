@@ -440,7 +440,7 @@ def _add_provision(sub: argparse._SubParsersAction, parents: list[argparse.Argum
         parents=parents,
         help="replace the target's data with a seeded synthetic snapshot, or an anonymized clone",
         description="Synthetic (default): fill the baseline schema with a production-like"
-        " snapshot at --scale (1: ~57k rows; 90: ~1M allocations), reproducible from --seed,"
+        " snapshot at --scale (1: ~57k rows; 100: ~1M allocations), reproducible from --seed,"
         " with planted dirt counted in a manifest (harness.snapshot_manifest and a JSON file)."
         " Clone: --from URL or --from-dump FILE copies schema and data with pg_dump/pg_restore"
         " and anonymizes personal data (--rules) before committing. A URL target is refused"
