@@ -826,16 +826,22 @@ def _prepare_samples(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         )
     # Categories make every group-by below cheap; the rest of the columns are
     # not needed by the report and are dropped to keep memory down.
-    return pd.DataFrame(
-        {
-            "ts": frame["ts"].to_numpy(dtype=np.float64, copy=False),
-            "operation": frame["operation"].astype("category"),
-            "outcome": frame["outcome"].astype("category"),
-            "sqlstate": frame["sqlstate"],
-            "constraint": frame["constraint"],
-            "latency_ms": frame["latency_ms"].to_numpy(dtype=np.float64, copy=False),
-        }
-    )
+    try:
+        return pd.DataFrame(
+            {
+                "ts": frame["ts"].to_numpy(dtype=np.float64, copy=False),
+                "operation": frame["operation"].astype("category"),
+                "outcome": frame["outcome"].astype("category"),
+                "sqlstate": frame["sqlstate"],
+                "constraint": frame["constraint"],
+                "latency_ms": frame["latency_ms"].to_numpy(dtype=np.float64, copy=False),
+            }
+        )
+    except (TypeError, ValueError) as exc:
+        raise SamplesError(
+            f"{path} has a column of the wrong type: {exc}",
+            hint="rerun the load stage with this harness version",
+        ) from None
 
 
 def _phase_duration(frame: pd.DataFrame, load: Mapping[str, Any] | None) -> float | None:

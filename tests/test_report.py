@@ -410,6 +410,22 @@ def test_corrupt_samples_file_is_one_line_naming_it(tmp_path: Path, damage: str,
     assert len(captured.err.strip().splitlines()) == 1
 
 
+def test_samples_column_of_the_wrong_type(tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = standard_run(tmp_path / "run", n=300)
+    path = run_dir / samples_file("post")
+    table = pq.read_table(path)
+    column = table.schema.get_field_index("latency_ms")
+    words = pa.array(["fast"] * table.num_rows)
+    table = table.set_column(column, "latency_ms", words)
+    pq.write_table(table.replace_schema_metadata({"harness_format": "1"}), path)
+    assert main(["report", str(run_dir), "--no-charts"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "wrong type" in err
+
+
 def test_corrupt_json_and_other_format_version(tmp_path: Path, capsys) -> None:
     run_dir = standard_run(tmp_path / "run", n=300)
     run = read_json(run_dir / RUN_FILE)
