@@ -595,6 +595,10 @@ class _Loader:
         self._idle: queue.SimpleQueue[psycopg.Connection] = queue.SimpleQueue()
         for _ in range(max(1, workers)):
             conn = target.connect(autocommit=True)
+            self._all.append(conn)
+            self._idle.put(conn)
+            if target.pooled:
+                continue  # session settings would not stick behind the pooler
             # A crash mid-load throws the snapshot away anyway: no need to
             # wait for each chunk's commit to reach the disk.
             conn.execute("SET synchronous_commit = off")
@@ -602,8 +606,6 @@ class _Loader:
             conn.execute("SET maintenance_work_mem = '256MB'")
             if skip_fk_checks:
                 conn.execute("SET session_replication_role = replica")
-            self._all.append(conn)
-            self._idle.put(conn)
         self.main = self._all[0]
         self.workers = len(self._all)
 
@@ -695,7 +697,9 @@ def _synthetic(
         )
         ensure_baseline(conn, baseline_sql=settings.baseline_sql, reset=settings.reset_schema)
         _empty_app_tables(conn)
-        skip_fk_checks = can_skip_fk_checks(conn)
+        # Behind a transaction pooler a session setting does not stick to the
+        # next statement (and would leak to other clients): no replica mode.
+        skip_fk_checks = not target.pooled and can_skip_fk_checks(conn)
         deferred = _drop_secondary(conn, keep_fks=skip_fk_checks)
         conn.commit()
     log.debug("tables emptied in %.3f s", time.perf_counter() - started)

@@ -355,3 +355,55 @@ def test_an_interrupted_load_is_repaired_by_the_next_run(baseline_db):
         assert conn.execute("SELECT to_regclass('harness.provision_deferred')").fetchone() == (
             None,
         )
+
+
+def test_without_superuser_rights_fks_are_dropped_and_validated_again(pg_server, fresh_db):
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    role = "harness_" + fresh_db.rsplit("/", 1)[-1].split("?")[0][-12:]
+    dbname = conninfo_to_dict(fresh_db)["dbname"]
+    with psycopg.connect(pg_server.admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(dbname), sql.Identifier(role)
+            )
+        )
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(role)))
+    try:
+        params = conninfo_to_dict(fresh_db)
+        params.update(user=role, password="")
+        url = make_conninfo("", **params)
+        with psycopg.connect(url) as conn:
+            from harness.provision import can_skip_fk_checks
+
+            assert not can_skip_fk_checks(conn)
+        provision(target_for(url), _settings(seed=9))
+        assert _fk_violations(fresh_db) == {}
+        with psycopg.connect(fresh_db) as conn:
+            fks = conn.execute(
+                "SELECT count(*) FILTER (WHERE convalidated), count(*) FROM pg_constraint"
+                " WHERE contype = 'f' AND connamespace = 'public'::regnamespace"
+            ).fetchone()
+        assert fks[0] == fks[1] == 10
+    finally:
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(role))
+            )
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with psycopg.connect(pg_server.admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(dbname))
+            )
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_behind_a_transaction_pooler_no_session_settings_are_used(baseline_db):
+    import dataclasses
+
+    pooled = dataclasses.replace(target_for(baseline_db), pooled=True)
+    result = provision(pooled, _settings(seed=10))
+    assert result.rows["allocations"] > 0
+    assert _fk_violations(baseline_db) == {}
