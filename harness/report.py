@@ -2493,25 +2493,35 @@ def _html_migrations(summary: Mapping[str, Any]) -> str:
     if lint is None:
         body += f'<h3>squawk lint</h3><p class="note">{LINT_FILE} not found: lint did not run</p>'
     else:
-        findings = pd.DataFrame(
-            [
-                {
-                    "file": f["file"],
-                    "line": f["line"],
-                    "rule": f["rule"],
-                    "level": f["level"],
-                    "status": "accepted" if f["accepted"] else "NEW",
-                    "reason / message": f["reason"] if f["accepted"] else f["message"],
-                }
-                for f in lint["findings"]
-            ]
-        )
-        body += (
-            f"<h3>squawk lint: {lint['new']} new, {lint['accepted']} accepted</h3>"
-            + _frame_html(findings, "no findings")
-        )
+        body += f"<h3>squawk lint: {lint['new']} new, {lint['accepted']} accepted</h3>"
+        if lint["new"]:
+            body += _frame_html(_lint_table(lint["findings"], accepted=False))
+        if lint["accepted"]:
+            # written down once with their reasons; folded so they do not bury the rest
+            body += (
+                f"<details><summary>{lint['accepted']} accepted warnings and why</summary>"
+                + _frame_html(_lint_table(lint["findings"], accepted=True))
+                + "</details>"
+            )
     body += _html_online(summary["online"])
     return _section("migrations", "Migrations", body)
+
+
+def _lint_table(findings: Sequence[Mapping[str, Any]], *, accepted: bool) -> pd.DataFrame:
+    label, key = ("reason accepted", "reason") if accepted else ("message", "message")
+    return pd.DataFrame(
+        [
+            {
+                "file": f["file"],
+                "line": f["line"],
+                "rule": f["rule"],
+                "level": f["level"],
+                label: f[key],
+            }
+            for f in findings
+            if f["accepted"] is accepted
+        ]
+    )
 
 
 def _html_online(online: Mapping[str, Any] | None) -> str:
