@@ -162,6 +162,7 @@ class _Run:
         self.failed_stage: str | None = None
         self.error: str | None = None
         self.baseline_catalog: dict[str, list[str]] | None = None
+        self.database_state: dict[str, Any] | None = None
 
     def say(self, message: str) -> None:
         elapsed = time.perf_counter() - self.clock
@@ -181,6 +182,7 @@ class _Run:
                 "failed_stage": self.failed_stage,
                 "error": self.error,
                 "target": self.target.describe(),
+                "database_state": self.database_state,
                 "settings": {
                     "scale": s.scale,
                     "seed": s.seed,
@@ -500,6 +502,31 @@ def _rollback_drill(run: _Run, record: StageRecord) -> None:
         record.detail = {"catalog_equal": drill["catalog_equal"]}
 
 
+def _record_database_state(run: _Run) -> None:
+    """After a failure: where each migration file stands and what the catalog holds.
+
+    Written so that the report (and the person reading it) knows what state the
+    run left the database in, and whether `harness migrate` / `rollback` can
+    continue from there. Best effort: the database may be what failed.
+    """
+    from harness.migrate import current_state, read_ledger
+    from harness.validate import ValidateSettings, validate
+
+    state: dict[str, Any] = {}
+    try:
+        entries = current_state(read_ledger(run.target))
+        state["ledger"] = {name: entry.outcome for name, entry in sorted(entries.items())}
+        if not (run.run_dir / VALIDATION_FILE).exists():
+            checked = validate(run.target, ValidateSettings())
+            write_json(run.run_dir / VALIDATION_FILE, checked.as_dict())
+        state["validation_file"] = VALIDATION_FILE
+    except (HarnessError, OSError) as exc:
+        state["error"] = scrub(str(exc), run.target.url)
+    except Exception as exc:  # psycopg errors and the like: the server may be gone
+        state["error"] = scrub(f"{type(exc).__name__}: {exc}", run.target.url)
+    run.database_state = state
+
+
 def _report(run: _Run, record: StageRecord) -> Any:
     from harness.report import ReportSettings, build_report
 
@@ -552,6 +579,8 @@ def rehearse(
         pass
     except KeyboardInterrupt as exc:
         interrupted = exc
+    if run.status != "completed":
+        _record_database_state(run)
     run.write_run()
 
     report = None

@@ -90,6 +90,10 @@ def test_a_broken_migration_stops_the_run_and_the_report_names_it(fresh_db, tmp_
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and run["failed_stage"] == "migrate"
     assert "002_integrity.sql" in run["error"]
+    ledger_state = run["database_state"]["ledger"]
+    assert ledger_state["001_blockers.sql"] == "applied"
+    assert ledger_state["002_integrity.sql"] == "failed"
+    assert "003_index_triggers.sql" not in ledger_state
     assert "002_integrity.sql" in (run_dir / "report.html").read_text()
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [(e["file"], e["outcome"]) for e in ledger][-1] == ("002_integrity.sql", "failed")
