@@ -495,6 +495,13 @@ def _add_provision(sub: argparse._SubParsersAction, parents: list[argparse.Argum
         metavar="PATH",
         help="where to write the manifest JSON (default: %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="sessions that load the synthetic snapshot side by side (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_provision)
 
@@ -524,6 +531,7 @@ def cmd_provision(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitS
         allow_production=args.allow_production_target,
         reset_schema=args.reset_schema,
         manifest_path=args.manifest,
+        workers=args.workers,
     )
     target = _open(args, environ)
     if args.json:

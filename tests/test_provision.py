@@ -289,6 +289,8 @@ def test_cli_provision_prints_rows_and_writes_the_manifest(baseline_db, tmp_path
             "11",
             "--dirt",
             "orphan_allocation=0.01",
+            "--workers",
+            "1",
             "--yes-destroy-target-data",
             "--manifest",
             str(manifest),
@@ -299,7 +301,7 @@ def test_cli_provision_prints_rows_and_writes_the_manifest(baseline_db, tmp_path
     assert status == 0, out
     assert "rows/s" in out and "orphan_allocation=" in out
     data = json.loads(manifest.read_text())
-    assert data["seed"] == 11
+    assert data["seed"] == 11 and data["workers"] == 1
     dirt = data["dirt"]
     clean = data["rows"]["allocations"] - dirt["orphan_allocation"] - dirt["overlapping_allocation"]
     assert dirt["orphan_allocation"] == round(0.01 * clean)
