@@ -48,7 +48,8 @@ def test_same_seed_same_rows_other_seed_other_rows(baseline_db, tmp_path):
     target = target_for(baseline_db)
     first = provision(target, _settings(seed=7, manifest_path=tmp_path / "m.json"))
     sums_a = _checksums(baseline_db)
-    second = provision(target, _settings(seed=7))
+    # Another number of loading sessions cuts the work differently: same rows.
+    second = provision(target, _settings(seed=7, workers=1))
     assert _checksums(baseline_db) == sums_a
     assert first.rows == second.rows
     provision(target, _settings(seed=8))
