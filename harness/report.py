@@ -1671,7 +1671,7 @@ def _run_facts(run: _RunInput) -> dict[str, Any]:
     ]
     return _mask(
         {
-            "run_id": info.get("run_id") or run.run_dir.name,
+            "run_id": info.get("run_id") or run.run_dir.resolve().name,
             "status": info.get("status"),
             "failed_stage": info.get("failed_stage"),
             "error": info.get("error"),
@@ -1910,7 +1910,7 @@ def _summary(
         )
     summary = {
         "format_version": SUMMARY_FORMAT_VERSION,
-        "run_id": (run.run or {}).get("run_id") or run.run_dir.name,
+        "run_id": (run.run or {}).get("run_id") or run.run_dir.resolve().name,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "harness_version": __version__,
         "verdict": str(verdict),
