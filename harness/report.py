@@ -102,7 +102,7 @@ import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -1099,7 +1099,7 @@ def _finish(gate: GateResult, gates: Gates) -> GateResult:
     counts = gate.status is GateStatus.FAIL or (
         gate.status is GateStatus.NOT_MEASURED and gates.fail_when_not_measured
     )
-    return GateResult(**{**gate.__dict__, "passed": not counts})
+    return replace(gate, passed=not counts)
 
 
 def _not_measured(name: str, title: str, threshold: str, detail: str) -> GateResult:
