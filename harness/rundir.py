@@ -83,6 +83,9 @@ def atomic_write_with(path: Path, writer: Callable[[Path], Any]) -> None:
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file 0600; run files are for whoever reviews the run
+        # (CI artifacts, a shared reports folder) and never hold a password.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

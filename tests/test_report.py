@@ -141,6 +141,8 @@ def test_healthy_run_passes_every_gate(tmp_path: Path) -> None:
     result = _report(standard_run(tmp_path / "run"))
     assert result.verdict is Verdict.PASS
     assert all(g.status == "pass" for g in result.gates)
+    # reviewers other than the user who ran it can open the outputs
+    assert result.report_html.stat().st_mode & 0o777 == 0o644
     cases = _junit_cases(result.junit_xml)
     assert set(cases) == {g.name for g in result.gates}
     assert all(case.find("failure") is None for case in cases.values())
