@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import random
-import select
 import selectors
 import time
 import uuid
@@ -64,6 +63,7 @@ import psycopg
 from locust import User, task
 from locust.env import Environment
 from locust.event import Events
+from locust.exception import RescheduleTaskImmediately
 from locust.runners import MasterRunner, Runner, WorkerRunner
 
 from harness.errors import ConfigError, HarnessError
@@ -287,20 +287,60 @@ class LoadResult:
 # psycopg under gevent
 
 
+def _wait_gevent(gen: Any, fileno: int, interval: float = 0.0, timeout: float | None = None) -> Any:
+    """psycopg's ``wait`` on gevent's own I/O watchers.
+
+    psycopg's generic waits build a poll or selector object for every wait;
+    under gevent that costs more than the query on a fast server. Waiting on
+    a libev I/O watcher directly makes the users about twice as fast (see
+    benchmarks/load_vs_pgbench.py). When asked for read-or-write we answer
+    "both ready": libpq is non-blocking, so a read with nothing to read or a
+    flush that cannot proceed just returns and psycopg asks again.
+    """
+    from psycopg import errors as pg_errors
+    from psycopg.waiting import Ready, Wait
+
+    hub = gevent.get_hub()
+    io = hub.loop.io
+    events = {Wait.R: (1, Ready.R), Wait.W: (2, Ready.W), Wait.RW: (3, Ready.R | Ready.W)}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        state = next(gen)
+        while True:
+            mask, ready = events[state]
+            watcher = io(fileno, mask)
+            timer = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise pg_errors._WaitTimeout("wait timeout expired")
+                timer = gevent.Timeout.start_new(
+                    remaining, pg_errors._WaitTimeout("wait timeout expired")
+                )
+            try:
+                hub.wait(watcher)
+            finally:
+                watcher.close()
+                if timer is not None:
+                    timer.cancel()
+            state = gen.send(ready)
+    except StopIteration as done:
+        return done.value
+
+
 def make_psycopg_cooperative() -> None:
     """Make psycopg's waits yield to gevent even if psycopg was imported first.
 
     psycopg picks its wait function when it is imported: the C one blocks the
-    whole process, the poll/selector ones cooperate once gevent has patched
-    ``select``. The harness CLI imports psycopg before Locust, so switch here.
+    whole process. The harness CLI imports psycopg before Locust, so once
+    gevent has patched ``select`` switch to a wait on gevent's watchers.
     """
     from gevent import monkey
     from psycopg import waiting
 
     if not monkey.is_module_patched("select"):
         return
-    if waiting.wait is getattr(waiting, "wait_c", None) and hasattr(select, "poll"):
-        waiting.wait = waiting.wait_poll
+    waiting.wait = _wait_gevent
     # wait_conn (connecting) bound the unpatched selector class at import time.
     waiting.DefaultSelector = selectors.DefaultSelector
 
@@ -493,6 +533,12 @@ class LoadContext:
 _CONTEXTS: WeakKeyDictionary[Environment, LoadContext] = WeakKeyDictionary()
 
 
+def register_context(ctx: LoadContext) -> LoadContext:
+    """Make ``ctx`` the one the users of ``ctx.environment`` share (run_load, benchmarks)."""
+    _CONTEXTS[ctx.environment] = ctx
+    return ctx
+
+
 def context_of(environment: Environment) -> LoadContext:
     try:
         return _CONTEXTS[environment]
@@ -527,8 +573,17 @@ class _Hold:
     minutes: int
 
 
-class BookingUser(User):
-    """A guest (or a retrying client) using the booking endpoints."""
+class DbUser(User):
+    """A Locust user with one psycopg connection whose every request is one transaction.
+
+    Subclasses add tasks that call :meth:`request`; the booking users and the
+    benchmark's insert user share this code path.
+    """
+
+    abstract = True
+    # A user whose requests are single statements may run them in autocommit
+    # (as pgbench does); the booking transactions need BEGIN ... COMMIT.
+    autocommit = False
 
     def wait_time(self) -> float:
         mean = self.ctx.contention.think_time
@@ -540,22 +595,10 @@ class BookingUser(User):
         self.user_id = next(self.ctx.user_ids)
         self.rng = random.Random()
         self.conn: psycopg.Connection | None = None
-        self.bookings: deque[_Booking] = deque(maxlen=USER_MEMORY)
-        self.holds: deque[_Hold] = deque(maxlen=USER_MEMORY)
+        # One cursor for the connection's life: a new one per statement costs.
+        self.cur: psycopg.Cursor | None = None
         self._backoff = 0.0
         self._retry_at = 0.0
-        weights = self.ctx.contention.weights
-        self._ops = [Operation(k) for k, w in weights.items() if w > 0]
-        self._cum = list(itertools.accumulate(weights[k] for k in self._ops))
-        self._actions: dict[Operation, Callable[[psycopg.Connection], None]] = {
-            Operation.CREATE_BOOKING: self._create_booking,
-            Operation.UPDATE_BOOKING: self._update_booking,
-            Operation.CANCEL_BOOKING: self._cancel_booking,
-            Operation.PLACE_HOLD: self._place_hold,
-            Operation.CONFIRM_HOLD: self._confirm_hold,
-            Operation.RELEASE_HOLD: self._release_hold,
-            Operation.CHECK_AVAILABILITY: self._check_availability,
-        }
 
     # -- Locust hooks -------------------------------------------------------
 
@@ -570,19 +613,19 @@ class BookingUser(User):
     def on_stop(self) -> None:
         self._close()
 
-    @task
-    def step(self) -> None:
-        operation = self.rng.choices(self._ops, cum_weights=self._cum)[0]
-        # Nothing of our own to change: the guest books (or holds) first.
-        if operation in (Operation.UPDATE_BOOKING, Operation.CANCEL_BOOKING) and not self.bookings:
-            operation = Operation.CREATE_BOOKING
-        elif operation in (Operation.CONFIRM_HOLD, Operation.RELEASE_HOLD) and not self.holds:
-            operation = Operation.PLACE_HOLD
-        self.request(operation, self._actions[operation])
+    def next_task_now(self) -> None:
+        """End the current task; without think time, skip Locust's zero-second sleep.
+
+        ``gevent.sleep(0)`` costs a whole pass of the event loop per request
+        (a third of the throughput against a fast server). Every request has
+        already yielded on its I/O, so the other users still get their turns.
+        """
+        if self.ctx.contention.think_time <= 0:
+            raise RescheduleTaskImmediately
 
     # -- one request ----------------------------------------------------------
 
-    def request(self, operation: str, action: Callable[[psycopg.Connection], None]) -> None:
+    def request(self, operation: str, action: Callable[[psycopg.Cursor], None]) -> None:
         """Run ``action`` as one transaction, time it, classify it, record it."""
         if self.conn is None:
             # Back off after a connection error rather than hammer a server
@@ -594,9 +637,11 @@ class BookingUser(User):
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
-            conn = self.conn if self.conn is not None else self._connect()
-            action(conn)
-            conn.commit()
+            if self.conn is None:
+                self._connect()
+            action(self.cur)
+            if not self.autocommit:
+                self.conn.commit()
         except psycopg.Error as exc:
             error = exc
         except BaseException:
@@ -616,11 +661,15 @@ class BookingUser(User):
             raise LoadError("no target database for the booking users")
         try:
             self.conn = psycopg.connect(
-                target.url, application_name=self.ctx.application_name, **target.connect_kwargs()
+                target.url,
+                autocommit=self.autocommit,
+                application_name=self.ctx.application_name,
+                **target.connect_kwargs(),
             )
         except psycopg.Error:
             self._schedule_reconnect()
             raise
+        self.cur = self.conn.cursor()
         self._backoff = 0.0
         return self.conn
 
@@ -643,11 +692,43 @@ class BookingUser(User):
             self._schedule_reconnect()
 
     def _close(self) -> None:
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.cur = self.conn, None, None
         if conn is not None:
             # Closing a broken socket may fail: there is nothing left to do then.
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class BookingUser(DbUser):
+    """A guest (or a retrying client) using the booking endpoints."""
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.bookings: deque[_Booking] = deque(maxlen=USER_MEMORY)
+        self.holds: deque[_Hold] = deque(maxlen=USER_MEMORY)
+        weights = self.ctx.contention.weights
+        self._ops = [Operation(k) for k, w in weights.items() if w > 0]
+        self._cum = list(itertools.accumulate(weights[k] for k in self._ops))
+        self._actions: dict[Operation, Callable[[psycopg.Cursor], None]] = {
+            Operation.CREATE_BOOKING: self._create_booking,
+            Operation.UPDATE_BOOKING: self._update_booking,
+            Operation.CANCEL_BOOKING: self._cancel_booking,
+            Operation.PLACE_HOLD: self._place_hold,
+            Operation.CONFIRM_HOLD: self._confirm_hold,
+            Operation.RELEASE_HOLD: self._release_hold,
+            Operation.CHECK_AVAILABILITY: self._check_availability,
+        }
+
+    @task
+    def step(self) -> None:
+        operation = self.rng.choices(self._ops, cum_weights=self._cum)[0]
+        # Nothing of our own to change: the guest books (or holds) first.
+        if operation in (Operation.UPDATE_BOOKING, Operation.CANCEL_BOOKING) and not self.bookings:
+            operation = Operation.CREATE_BOOKING
+        elif operation in (Operation.CONFIRM_HOLD, Operation.RELEASE_HOLD) and not self.holds:
+            operation = Operation.PLACE_HOLD
+        self.request(operation, self._actions[operation])
+        self.next_task_now()
 
     # -- choosing where to book -------------------------------------------------
 
@@ -687,7 +768,7 @@ class BookingUser(User):
 
     # -- transactions -----------------------------------------------------------
 
-    def _create_booking(self, conn: psycopg.Connection) -> None:
+    def _create_booking(self, cur: psycopg.Cursor) -> None:
         ctx = self.ctx
         if ctx.recent and self.rng.random() < ctx.contention.retry_fraction:
             # A client retry: the same request again, same key.
@@ -700,15 +781,15 @@ class BookingUser(User):
         if not self._strict:
             # The lax app's idempotency and availability checks: read, then
             # write, with nothing to stop a concurrent request in between.
-            if conn.execute(
+            if cur.execute(
                 "SELECT id FROM bookings WHERE idempotency_key = %s LIMIT 1", (key,)
             ).fetchone():
                 return
-            if self._allocated(conn, spot.table_id, spot.starts_at, ends_at, None):
+            if self._allocated(cur, spot.table_id, spot.starts_at, ends_at, None):
                 return
-        booking_id = self._insert_booking(conn, spot, party, key, spot.starts_at, ends_at)
-        self._insert_allocation(conn, booking_id, spot.table_id, spot.starts_at, ends_at)
-        conn.execute(
+        booking_id = self._insert_booking(cur, spot, party, key, spot.starts_at, ends_at)
+        self._insert_allocation(cur, booking_id, spot.table_id, spot.starts_at, ends_at)
+        cur.execute(
             "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
             (party, spot.slot_id),
         )
@@ -726,14 +807,14 @@ class BookingUser(User):
 
     def _insert_booking(
         self,
-        conn: psycopg.Connection,
+        cur: psycopg.Cursor,
         spot: Spot,
         party: int,
         key: str,
         starts_at: datetime,
         ends_at: datetime,
     ) -> int:
-        row = conn.execute(
+        row = cur.execute(
             "INSERT INTO bookings (restaurant_id, customer_id, slot_id, party_size, status,"
             " idempotency_key, starts_at, ends_at)"
             " VALUES (%s, %s, %s, %s, 'confirmed', %s, %s, %s) RETURNING id",
@@ -743,13 +824,13 @@ class BookingUser(User):
 
     def _insert_allocation(
         self,
-        conn: psycopg.Connection,
+        cur: psycopg.Cursor,
         booking_id: int,
         table_id: int,
         starts_at: datetime,
         ends_at: datetime,
     ) -> None:
-        conn.execute(
+        cur.execute(
             "INSERT INTO allocations (booking_id, table_id, during) VALUES (%s, %s, "
             + _RANGE
             + ")",
@@ -758,14 +839,14 @@ class BookingUser(User):
 
     @staticmethod
     def _allocated(
-        conn: psycopg.Connection,
+        cur: psycopg.Cursor,
         table_id: int,
         starts_at: datetime,
         ends_at: datetime,
         booking_id: int | None,
     ) -> bool:
         return (
-            conn.execute(
+            cur.execute(
                 "SELECT 1 FROM allocations WHERE table_id = %s AND during && "
                 + _RANGE
                 + " AND booking_id IS DISTINCT FROM %s LIMIT 1",
@@ -774,7 +855,7 @@ class BookingUser(User):
             is not None
         )
 
-    def _update_booking(self, conn: psycopg.Connection) -> None:
+    def _update_booking(self, cur: psycopg.Cursor) -> None:
         booking = self.rng.choice(self.bookings)
         if self.rng.random() < 0.5:
             # Move: another time (hot or not) at the same table.
@@ -794,38 +875,38 @@ class BookingUser(User):
             slot_id, starts_at, minutes = booking.slot_id, booking.starts_at, self._minutes()
         ends_at = starts_at + timedelta(minutes=minutes)
         if not self._strict and self._allocated(
-            conn, booking.table_id, starts_at, ends_at, booking.id
+            cur, booking.table_id, starts_at, ends_at, booking.id
         ):
             return
-        conn.execute(
+        cur.execute(
             "UPDATE bookings SET starts_at = %s, ends_at = %s, slot_id = %s WHERE id = %s",
             (starts_at, ends_at, slot_id, booking.id),
         )
-        conn.execute(
+        cur.execute(
             "UPDATE allocations SET during = " + _RANGE + " WHERE booking_id = %s",
             (starts_at, ends_at, booking.id),
         )
         if slot_id != booking.slot_id:
             # Old slot first, then the new one: the order an app naturally
             # writes, which is also how two opposite moves can deadlock (40P01).
-            conn.execute(
+            cur.execute(
                 "UPDATE booking_slots SET covers_booked = greatest(covers_booked - %s, 0)"
                 " WHERE id = %s",
                 (booking.party, booking.slot_id),
             )
-            conn.execute(
+            cur.execute(
                 "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
                 (booking.party, slot_id),
             )
         booking.slot_id, booking.starts_at, booking.minutes = slot_id, starts_at, minutes
 
-    def _cancel_booking(self, conn: psycopg.Connection) -> None:
+    def _cancel_booking(self, cur: psycopg.Cursor) -> None:
         # Oldest first, so hot windows are freed again and contention goes on.
         booking = self.bookings.popleft()
         try:
-            conn.execute("UPDATE bookings SET status = 'cancelled' WHERE id = %s", (booking.id,))
-            conn.execute("DELETE FROM allocations WHERE booking_id = %s", (booking.id,))
-            conn.execute(
+            cur.execute("UPDATE bookings SET status = 'cancelled' WHERE id = %s", (booking.id,))
+            cur.execute("DELETE FROM allocations WHERE booking_id = %s", (booking.id,))
+            cur.execute(
                 "UPDATE booking_slots SET covers_booked = greatest(covers_booked - %s, 0)"
                 " WHERE id = %s",
                 (booking.party, booking.slot_id),
@@ -834,13 +915,13 @@ class BookingUser(User):
             self.bookings.appendleft(booking)
             raise
 
-    def _place_hold(self, conn: psycopg.Connection) -> None:
+    def _place_hold(self, cur: psycopg.Cursor) -> None:
         spot = self._spot()
         minutes = self._minutes()
         ends_at = spot.starts_at + timedelta(minutes=minutes)
         if (
             not self._strict
-            and conn.execute(
+            and cur.execute(
                 "SELECT 1 FROM table_hold_windows WHERE table_id = %s AND during && "
                 + _RANGE
                 + " AND (expires_at IS NULL OR expires_at > now()) LIMIT 1",
@@ -848,7 +929,7 @@ class BookingUser(User):
             ).fetchone()
         ):
             return
-        row = conn.execute(
+        row = cur.execute(
             "INSERT INTO table_hold_windows (table_id, customer_id, during, expires_at)"
             " VALUES (%s, %s, " + _RANGE + ", now() + make_interval(secs => %s)) RETURNING id",
             (
@@ -861,11 +942,11 @@ class BookingUser(User):
         ).fetchone()
         self.holds.append(_Hold(int(row[0]), spot, minutes))
 
-    def _confirm_hold(self, conn: psycopg.Connection) -> None:
+    def _confirm_hold(self, cur: psycopg.Cursor) -> None:
         hold = self.holds.popleft()
         try:
             gone = (
-                conn.execute(
+                cur.execute(
                     "DELETE FROM table_hold_windows WHERE id = %s"
                     " AND (expires_at IS NULL OR expires_at > now()) RETURNING id",
                     (hold.id,),
@@ -877,17 +958,17 @@ class BookingUser(User):
             spot = hold.spot
             ends_at = spot.starts_at + timedelta(minutes=hold.minutes)
             if not self._strict and self._allocated(
-                conn, spot.table_id, spot.starts_at, ends_at, None
+                cur, spot.table_id, spot.starts_at, ends_at, None
             ):
-                conn.rollback()  # keep the hold: the guest may pick another table
+                cur.connection.rollback()  # keep the hold: the guest may pick another table
                 self.holds.append(hold)
                 return
             party = self._party(spot.capacity)
             booking_id = self._insert_booking(
-                conn, spot, party, str(uuid.uuid4()), spot.starts_at, ends_at
+                cur, spot, party, str(uuid.uuid4()), spot.starts_at, ends_at
             )
-            self._insert_allocation(conn, booking_id, spot.table_id, spot.starts_at, ends_at)
-            conn.execute(
+            self._insert_allocation(cur, booking_id, spot.table_id, spot.starts_at, ends_at)
+            cur.execute(
                 "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
                 (party, spot.slot_id),
             )
@@ -906,14 +987,14 @@ class BookingUser(User):
             )
         )
 
-    def _release_hold(self, conn: psycopg.Connection) -> None:
+    def _release_hold(self, cur: psycopg.Cursor) -> None:
         hold = self.holds.popleft()
-        conn.execute("DELETE FROM table_hold_windows WHERE id = %s", (hold.id,))
+        cur.execute("DELETE FROM table_hold_windows WHERE id = %s", (hold.id,))
 
-    def _check_availability(self, conn: psycopg.Connection) -> None:
+    def _check_availability(self, cur: psycopg.Cursor) -> None:
         spot = self._spot()
         # The query booking_slots_available_idx is there for.
-        conn.execute(
+        cur.execute(
             "SELECT id, starts_at, covers_total - covers_booked FROM booking_slots"
             " WHERE restaurant_id = %s AND starts_at >= %s AND starts_at < %s"
             " AND covers_booked < covers_total ORDER BY starts_at LIMIT 50",
@@ -1290,7 +1371,7 @@ def run_load(
         target=target,
         inventory=inventory,
     )
-    _CONTEXTS[env] = ctx
+    register_context(ctx)
     runner = env.create_local_runner()
     csv_base = run_dir / f"locust-{phase}"
     csv_writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, str(csv_base), full_history=False)
