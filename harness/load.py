@@ -704,8 +704,10 @@ class BookingUser(DbUser):
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        self.bookings: deque[_Booking] = deque(maxlen=USER_MEMORY)
-        self.holds: deque[_Hold] = deque(maxlen=USER_MEMORY)
+        # Not bounded by the deque: step() keeps them near USER_MEMORY, and a
+        # booking silently forgotten would hold its table for good.
+        self.bookings: deque[_Booking] = deque()
+        self.holds: deque[_Hold] = deque()
         weights = self.ctx.contention.weights
         self._ops = [Operation(k) for k, w in weights.items() if w > 0]
         self._cum = list(itertools.accumulate(weights[k] for k in self._ops))
@@ -727,6 +729,16 @@ class BookingUser(DbUser):
             operation = Operation.CREATE_BOOKING
         elif operation in (Operation.CONFIRM_HOLD, Operation.RELEASE_HOLD) and not self.holds:
             operation = Operation.PLACE_HOLD
+        # A guest with many bookings (holds) gives one up before taking another:
+        # every row a user made stays tracked and is freed again some day, so
+        # the hot tables and windows keep changing hands in long runs.
+        elif (
+            operation in (Operation.CREATE_BOOKING, Operation.CONFIRM_HOLD)
+            and len(self.bookings) >= USER_MEMORY
+        ):
+            operation = Operation.CANCEL_BOOKING
+        elif operation is Operation.PLACE_HOLD and len(self.holds) >= USER_MEMORY:
+            operation = Operation.RELEASE_HOLD
         self.request(operation, self._actions[operation])
         self.next_task_now()
 
