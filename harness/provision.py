@@ -45,7 +45,7 @@ from psycopg.types.json import Jsonb
 from harness import __version__
 from harness.errors import ConfigError
 from harness.rundir import MANIFEST_FILE, write_json
-from harness.target import Target, check_destructive_allowed
+from harness.target import DEFAULT_PRODUCTION_PATTERN, Target, check_destructive_allowed
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ProvisionSettings:
     rules_path: Path | None = None
     yes_destroy_target_data: bool = False
     allow_production: bool = False
-    production_pattern: str = "prod"
+    production_pattern: str = DEFAULT_PRODUCTION_PATTERN
     # Drop the app's tables and the harness schema first (a migrated target).
     reset_schema: bool = False
     manifest_path: Path | None = None
@@ -189,14 +189,16 @@ def read_manifest(conn_or_target: psycopg.Connection | Target) -> dict[str, Any]
 
 def expected_quarantine(manifest: Mapping[str, Any]) -> dict[str, int]:
     """What 001 should put in harness.quarantine for this snapshot: {reason: count > 0}."""
-    return {reason: int(n) for reason, n in manifest.get("dirt", {}).items() if n}
+    return {reason: int(n) for reason, n in (manifest.get("dirt") or {}).items() if n}
 
 
 # --------------------------------------------------------------------------
 # Settings checks
 
 
-def dirt_rates_from(overrides: Mapping[str, float] | None, *, all_rate: float | None = None):
+def dirt_rates_from(
+    overrides: Mapping[str, float] | None, *, all_rate: float | None = None
+) -> Mapping[str, float]:
     """Defaults, or every kind at ``all_rate``, with ``overrides`` on top (checked)."""
     rates = dict(DEFAULT_DIRT_RATES)
     if all_rate is not None:
@@ -518,7 +520,6 @@ _DURATION = (
     "(CASE {s} WHEN 0 THEN 60 + 15 * I(dur0, {c}, 3) WHEN 1 THEN 75 + 15 * I(dur1, {c}, 2)"
     " ELSE 90 + 15 * I(dur2, {c}, 3) END)"
 )
-_SLOT_K = "((ARRAY[0, 11, 23])[{s} + 1] + " + _J + ")"
 
 
 def _fill(fragment: str, **names: str) -> str:
@@ -1423,16 +1424,6 @@ def _finish_tables(conn: psycopg.Connection) -> None:
                 " coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
             ).format(name=sql.Literal(f"public.{table}"), table=sql.Identifier(table))
         )
-
-
-def _row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    counts = {}
-    for table in APP_TABLES:
-        row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
-        ).fetchone()
-        counts[table] = int(row[0])
-    return counts
 
 
 # --------------------------------------------------------------------------
