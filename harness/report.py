@@ -32,7 +32,7 @@ Written into the run folder, each atomically:
       "phases": {phase: {"present": bool, "missing_reason": str | null,
                          "mode", "users", "spawn_rate", "duration_s",
                          "started_at", "ended_at", "requests",
-                         "throughput_rps", "interrupted",
+                         "throughput_rps", "counted_requests", "interrupted",
                          "contention": {...} | null}},
       "latency": {phase: {operation | "all": {"requests", "throughput_rps",
                   "p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"}}},
@@ -1718,6 +1718,8 @@ def _phase_facts(run: _RunInput, latency: Mapping[str, pd.DataFrame]) -> dict[st
             "started_at": load.get("started_at"),
             "ended_at": load.get("ended_at"),
             "requests": int(total["requests"]) if total is not None else None,
+            # Locust's own count: a gap to "requests" means samples were lost
+            "counted_requests": load.get("requests"),
             "throughput_rps": float(total["throughput_rps"]) if total is not None else None,
             "contention": load.get("contention"),
             "interrupted": bool(load.get("interrupted")),
@@ -2207,7 +2209,14 @@ def _html_run(summary: Mapping[str, Any]) -> str:
                 "users": f["users"],
                 "spawn rate": f["spawn_rate"],
                 "duration s": _fmt(f["duration_s"], 1),
-                "requests": _fmt(f["requests"]),
+                "requests": _fmt(f["requests"])
+                + (
+                    f" (Locust counted {_fmt(f['counted_requests'])})"
+                    if _is_number(f["counted_requests"])
+                    and f["requests"] is not None
+                    and f["counted_requests"] != f["requests"]
+                    else ""
+                ),
                 "req/s": _fmt(f["throughput_rps"], 1),
                 "started": f["started_at"],
                 "ended": f["ended_at"],

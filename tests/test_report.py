@@ -381,6 +381,17 @@ def test_empty_samples_file_is_a_phase_without_requests(tmp_path: Path) -> None:
     assert _strict_json(result.summary_json)["phases"]["post"]["present"] is True
 
 
+def test_lost_samples_show_against_locusts_count(tmp_path: Path) -> None:
+    run_dir = standard_run(tmp_path / "run", n=300)
+    load = read_json(run_dir / "load-post.json")
+    (run_dir / "load-post.json").write_text(json.dumps({**load, "requests": 310}))
+    result = _report(run_dir)
+    assert _strict_json(result.summary_json)["phases"]["post"]["counted_requests"] == 310
+    page = result.report_html.read_text()
+    assert "300 (Locust counted 310)" in page
+    assert page.count("Locust counted") == 1  # the pre phase lost nothing
+
+
 def test_only_some_files_present(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
