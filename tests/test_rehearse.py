@@ -41,7 +41,12 @@ def test_rehearsal_end_to_end_shows_double_bookings_before_and_refusals_after(
     # At this heat strict mode really is slower (every create waits on the
     # exclusion check of a rival): the p95 gate is another test's business.
     gates = tmp_path / "gates.toml"
-    gates.write_text("[p95_regression]\nenabled = false\n[rollback_drill]\nenabled = true\n")
+    # Deadlocks (40P01) are real at this heat too, and a few seconds of load
+    # make their share jumpy: the limit is wide, the gate still counts them.
+    gates.write_text(
+        "[p95_regression]\nenabled = false\n[rollback_drill]\nenabled = true\n"
+        "[unexpected_errors]\nmax_share_pct = 15.0\n"
+    )
     status = rehearse(fresh_db, tmp_path, "--duration", "5s", "--gates", str(gates), *HOT)
     out = capsys.readouterr().out
     run_dir = (tmp_path / "latest").resolve()
@@ -142,7 +147,9 @@ def test_nightly_builds_a_history_and_catches_a_slow_trigger(fresh_db, tmp_path,
     # The rehearsal's own pre-vs-post p95 gate is not what this test is about:
     # a busy machine can trip it; the nightly comparison is what must fail.
     gates = tmp_path / "gates.toml"
-    gates.write_text("[p95_regression]\nenabled = false\n")
+    gates.write_text(
+        "[p95_regression]\nenabled = false\n[unexpected_errors]\nmax_share_pct = 15.0\n"
+    )
 
     def night(*extra: str) -> int:
         return main(
