@@ -334,6 +334,9 @@ def _check_archive(dump: Path) -> None:
 def _prepare_sql() -> sql.Composed:
     return sql.SQL(
         """
+-- Sessions still using the old tables (a load test left running) would make
+-- the drops wait forever: give up instead, with nothing changed.
+SET lock_timeout = '30s';
 DROP SCHEMA IF EXISTS harness CASCADE;
 DROP SCHEMA IF EXISTS {schema} CASCADE;
 CREATE SCHEMA {schema};

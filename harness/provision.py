@@ -43,7 +43,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from harness import __version__
-from harness.errors import ConfigError
+from harness.errors import ConfigError, TargetError
 from harness.rundir import MANIFEST_FILE, write_json
 from harness.target import DEFAULT_PRODUCTION_PATTERN, Target, check_destructive_allowed
 
@@ -132,6 +132,8 @@ class ProvisionSettings:
     # Sessions that load chunks side by side (the server runs one INSERT on
     # one core; two sessions use the two cores of a small staging box).
     workers: int = 2
+    # How long to wait for the app's tables when other sessions hold them.
+    lock_timeout: str = "30s"
     baseline_sql: Path = BASELINE_SQL
 
 
@@ -753,13 +755,23 @@ def _synthetic(
             pattern=settings.production_pattern,
             conn=conn,
         )
-        ensure_baseline(conn, baseline_sql=settings.baseline_sql, reset=settings.reset_schema)
-        _empty_app_tables(conn)
-        # Behind a transaction pooler a session setting does not stick to the
-        # next statement (and would leak to other clients): no replica mode.
-        skip_fk_checks = not target.pooled and can_skip_fk_checks(conn)
-        deferred = _drop_secondary(conn, keep_fks=skip_fk_checks)
-        conn.commit()
+        # Sessions still using the tables (a load test left running) would
+        # make TRUNCATE wait forever: give up instead, with nothing changed.
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (settings.lock_timeout,))
+        try:
+            ensure_baseline(conn, baseline_sql=settings.baseline_sql, reset=settings.reset_schema)
+            _empty_app_tables(conn)
+            # Behind a transaction pooler a session setting does not stick to the
+            # next statement (and would leak to other clients): no replica mode.
+            skip_fk_checks = not target.pooled and can_skip_fk_checks(conn)
+            deferred = _drop_secondary(conn, keep_fks=skip_fk_checks)
+            conn.commit()
+        except psycopg.errors.LockNotAvailable:
+            raise TargetError(
+                f"the app's tables of {target.display} are in use by other sessions;"
+                " nothing was changed",
+                hint="stop what uses them (a load test, the app) and run provision again",
+            ) from None
     log.debug("tables emptied in %.3f s", time.perf_counter() - started)
     # From here the load runs on several sessions, each chunk committing on
     # its own (one transaction cannot span sessions). Until the manifest row

@@ -11,7 +11,7 @@ from conftest import _new_db_name, create_database, drop_database, target_for
 from psycopg import sql
 
 from harness.cli import main
-from harness.errors import ConfigError, SafetyError
+from harness.errors import ConfigError, SafetyError, TargetError
 from harness.migrate import MigrateSettings, migrate
 from harness.provision import (
     APP_TABLES,
@@ -410,3 +410,16 @@ def test_behind_a_transaction_pooler_no_session_settings_are_used(baseline_db):
     result = provision(pooled, _settings(seed=10))
     assert result.rows["allocations"] > 0
     assert _fk_violations(baseline_db) == {}
+
+
+def test_tables_in_use_are_a_clear_error_and_stay_untouched(baseline_db):
+    target = target_for(baseline_db)
+    provision(target, _settings(seed=12))
+    before = _checksums(baseline_db)
+    with psycopg.connect(baseline_db) as other:  # a load test that never stops
+        other.execute("SELECT count(*) FROM bookings")
+        with pytest.raises(TargetError, match="in use by other sessions"):
+            provision(target, _settings(seed=13, lock_timeout="200ms"))
+        other.rollback()
+    assert _checksums(baseline_db) == before
+    assert read_manifest(target)["seed"] == 12
