@@ -28,6 +28,9 @@ from harness.target import Target
 
 log = logging.getLogger(__name__)
 
+# The load users tag their sessions with application names starting with this.
+LOAD_APP_PREFIX = "harness-load"
+
 # pg_locks.waitstart exists from PostgreSQL 14 on; older servers fall back to
 # the first sighting, which is at most one interval late.
 _SAMPLE = """
@@ -40,6 +43,8 @@ SELECT w.pid,
        left(coalesce(w.query, ''), 300),
        pg_blocking_pids(w.pid),
        (SELECT array_agg(left(coalesce(b.query, ''), 300) ORDER BY b.pid)
+          FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(w.pid))),
+       (SELECT array_agg(coalesce(b.application_name, '') ORDER BY b.pid)
           FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(w.pid)))
   FROM pg_locks l
   JOIN pg_stat_activity w ON w.pid = l.pid
@@ -63,6 +68,7 @@ class LockWait:
     query: str
     blocked_by_pids: list[int] = field(default_factory=list)
     blocked_by_queries: list[str] = field(default_factory=list)
+    blocked_by_apps: list[str] = field(default_factory=list)
     sightings: int = 1
 
     @property
@@ -127,7 +133,9 @@ class LockSampler:
             log.warning("lock sampler stopped: %s", self.error)
 
     def _record(self, rows: list[tuple[Any, ...]]) -> None:
-        for pid, app, waitstart, now, relation, mode, query, blockers, blocker_queries in rows:
+        for row in rows:
+            pid, app, waitstart, now, relation, mode, query = row[:7]
+            blockers, blocker_queries, blocker_apps = row[7] or [], row[8] or [], row[9] or []
             if pid in self._settings.ignore_pids:
                 continue
             key = (pid, waitstart)
@@ -141,38 +149,77 @@ class LockSampler:
                     relation=relation,
                     mode=mode,
                     query=query,
-                    blocked_by_pids=list(blockers or []),
-                    blocked_by_queries=list(blocker_queries or []),
+                    blocked_by_pids=list(blockers),
+                    blocked_by_queries=list(blocker_queries),
+                    blocked_by_apps=list(blocker_apps),
                 )
             else:
                 wait.last_seen_at = now
                 wait.sightings += 1
-                for pid_b, query_b in zip(blockers or [], blocker_queries or [], strict=False):
+                for pid_b, query_b, app_b in zip(
+                    blockers, blocker_queries, blocker_apps, strict=False
+                ):
                     if pid_b not in wait.blocked_by_pids:
                         wait.blocked_by_pids.append(pid_b)
                         wait.blocked_by_queries.append(query_b)
+                        wait.blocked_by_apps.append(app_b)
+
+
+def caused_by_others(waits: list[LockWait], load_prefix: str = LOAD_APP_PREFIX) -> list[LockWait]:
+    """The waits the load's own sessions did not cause.
+
+    The load users wait on each other all the time (a rival's uncommitted
+    booking, a hot slot row). A wait counts against the migration when one of
+    its blockers is not a load session (the runner), or is a load session that
+    was itself waiting behind such a wait at the time: writers queued behind a
+    writer queued behind the ALTER TABLE were blocked by it too.
+    """
+    by_pid: dict[int, list[int]] = {}
+    for i, wait in enumerate(waits):
+        by_pid.setdefault(wait.pid, []).append(i)
+    caused: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for i, wait in enumerate(waits):
+            if i in caused:
+                continue
+            for pid_b, app_b in zip(wait.blocked_by_pids, wait.blocked_by_apps, strict=False):
+                if not app_b.startswith(load_prefix) or any(
+                    j in caused
+                    and waits[j].started_at <= wait.last_seen_at
+                    and wait.started_at <= waits[j].last_seen_at
+                    for j in by_pid.get(pid_b, ())
+                ):
+                    caused.add(i)
+                    changed = True
+                    break
+    return [w for i, w in enumerate(waits) if i in caused]
 
 
 def summarize_by_file(
     waits: list[LockWait], ledger: list[dict[str, Any]], failures: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Per migration file: writers blocked, longest wait, failed requests in its window.
+    """Per migration file: writers it blocked, longest wait, failed requests in its window.
 
     ``ledger`` rows need ``file``, ``started_at``, ``finished_at`` (ISO strings or
     datetimes); ``failures`` rows need ``ts`` (epoch seconds) and ``outcome``.
-    A wait belongs to the file that was running when the wait began.
+    A wait belongs to the file that was running when the wait began; only the
+    waits the migration caused (:func:`caused_by_others`) count as blocked.
     """
     rows = []
+    blamed = caused_by_others(waits)
     for entry in ledger:
         start, end = _as_dt(entry.get("started_at")), _as_dt(entry.get("finished_at"))
         if start is None or end is None:
             continue
-        inside = [w for w in waits if start <= w.started_at <= end]
+        inside = [w for w in blamed if start <= w.started_at <= end]
         t0, t1 = start.timestamp(), end.timestamp()
         failed = [f for f in failures if t0 <= f["ts"] <= t1]
         rows.append(
             {
                 "file": entry["file"],
+                "outcome": entry.get("outcome"),
                 "started_at": start.isoformat(),
                 "finished_at": end.isoformat(),
                 "duration_s": round(t1 - t0, 4),

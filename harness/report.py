@@ -1578,6 +1578,10 @@ def build_report(settings: ReportSettings) -> ReportResult:
     log.info("report: figures done in %.2fs", time.perf_counter() - started)
 
     charts = _charts(present) if settings.charts else []
+    if settings.charts and run.online is not None:
+        timeline = _chart_online_timeline(present.get("online"), run.online, run.ledger)
+        if timeline is not None:
+            charts.append(timeline)
     log.info("report: charts done in %.2fs", time.perf_counter() - started)
 
     summary = _summary(
@@ -2577,6 +2581,78 @@ def _html_online(online: Mapping[str, Any] | None) -> str:
     if not waits.empty:
         body += "<h3>Longest lock waits</h3>" + _frame_html(waits)
     return body
+
+
+def _chart_online_timeline(
+    frame: pd.DataFrame | None,
+    online: Mapping[str, Any],
+    ledger: Sequence[Mapping[str, Any]] | None,
+) -> Chart | None:
+    """Migrating under load: each file a band; load latency and errors above,
+    writers waiting on a lock below, per second of the online phase."""
+    from matplotlib.figure import Figure
+
+    if frame is None or frame.empty:
+        return None
+    t0 = float(frame["ts"].min())
+    second = np.floor(frame["ts"].to_numpy() - t0).astype(np.int64)
+    latency = pd.Series(frame["latency_ms"].to_numpy()).groupby(second)
+    errors = pd.Series((frame["outcome"] != "ok").to_numpy()).groupby(second).sum()
+    span = int(second.max()) + 1
+    blocked = np.zeros(span, dtype=np.int64)
+    for wait in online.get("waits") or []:
+        start, end = _parse_time(wait.get("started_at")), _parse_time(wait.get("last_seen_at"))
+        if start is None or end is None:
+            continue
+        first = max(0, int(start.timestamp() - t0))
+        last = min(span - 1, int(end.timestamp() - t0))
+        if first <= last:
+            blocked[first : last + 1] += 1
+
+    fig = Figure(figsize=(11, 6.2))
+    top, middle, bottom = fig.subplots(
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.6, 1.6]}
+    )
+    p95 = latency.quantile(0.95)
+    top.plot(p95.index, p95.to_numpy(), color=_PHASE_COLORS["online"], label="p95")
+    p50 = latency.quantile(0.5)
+    top.plot(p50.index, p50.to_numpy(), color="#888888", label="p50", linewidth=0.8)
+    top.set_ylabel("latency ms", fontsize=8)
+    top.legend(fontsize=7, loc="upper left")
+    middle.bar(errors.index, errors.to_numpy(), width=1.0, color="#d62728")
+    middle.set_ylabel("non-ok / s", fontsize=8)
+    bottom.step(np.arange(span), blocked, where="post", color="#9467bd")
+    bottom.set_ylabel("writers waiting", fontsize=8)
+    bottom.set_xlabel("seconds since the online load started", fontsize=8)
+    colors = ["#ffbb78", "#98df8a", "#aec7e8", "#c5b0d5", "#f7b6d2", "#c7c7c7"]
+    for i, entry in enumerate(ledger or []):
+        start, end = _parse_time(entry.get("started_at")), _parse_time(entry.get("finished_at"))
+        if start is None or end is None:
+            continue
+        x0, x1 = start.timestamp() - t0, end.timestamp() - t0
+        for ax in (top, middle, bottom):
+            ax.axvspan(x0, max(x1, x0 + 0.05), color=colors[i % len(colors)], alpha=0.5)
+        label = str(entry.get("file", "")).removesuffix(".sql")
+        if entry.get("outcome") == "failed":
+            label += " (failed)"
+        top.annotate(
+            label,
+            (x0, 1.0),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            rotation=90,
+            va="top",
+            ha="right",
+        )
+    for ax in (top, middle, bottom):
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return (
+        "Migrating under load: timeline",
+        "each migration file as a band; load latency and errors above, writers waiting on a"
+        " lock below",
+        _png(fig),
+    )
 
 
 def _trend_chart(history: Sequence[Mapping[str, Any]]) -> Chart | None:

@@ -124,16 +124,26 @@ def test_online_migration_records_blocked_writers(fresh_db, tmp_path):
     )
     run_dir = (tmp_path / "latest").resolve()
     online = json.loads((run_dir / "online.json").read_text())
-    assert status in (0, 1)
+    run = json.loads((run_dir / "run.json").read_text())
+    # Writers that keep going may slip new double bookings in between 001 and
+    # 002, and 002 then fails with 23P01: that is a finding, not a crash.
+    assert status in (0, 1) or run["failed_stage"] == "migrate", run["error"]
     by_file = {row["file"]: row for row in online["files"]}
-    assert set(by_file) >= {"001_blockers.sql", "002_integrity.sql"}
-    blocked = sum(row["writers_blocked"] for row in online["files"])
-    assert blocked >= 1, online["files"]
-    longest = max(row["longest_wait_s"] for row in online["files"])
-    assert longest > 0
+    assert "002_integrity.sql" in by_file, online["files"]
+    during_002 = by_file["002_integrity.sql"]
+    assert during_002["writers_blocked"] >= 1, online["files"]
+    assert during_002["longest_wait_s"] > 0
+    assert any(
+        "allocations" in q or "table_hold_windows" in q for q in during_002["blocking_statements"]
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
+    blocked = sum(row["writers_blocked"] for row in online["files"])
     assert summary["online"]["writers_blocked"] == blocked
-    assert summary["online"]["longest_wait_s"] == pytest.approx(longest)
+    assert summary["online"]["longest_wait_s"] == pytest.approx(
+        max(row["longest_wait_s"] for row in online["files"])
+    )
+    page = (run_dir / "report.html").read_text()
+    assert "Migrating under load: timeline" in page
 
 
 @pytest.mark.embedded_only
