@@ -1,7 +1,8 @@
 """Anonymization rules for a cloned snapshot, and the SQL that applies them.
 
 Rules come from a TOML file (``sql/anonymize-defaults.toml`` by default): a
-list of ``[[rule]]`` tables with ``table``, ``column`` and ``strategy``.
+list of ``[[rule]]`` tables with ``table``, ``column`` and ``strategy`` (and
+``schema``, when a table name holds a dot and cannot be written ``schema.table``).
 :func:`load_rules` reads and checks the file; :func:`check_rules` checks the
 rules against a database's catalog (the source, before anything is copied);
 :func:`anonymize_sql` returns the statements the clone runs inside its single
@@ -65,6 +66,12 @@ def load_rules(path: Path | None = None) -> tuple[Rule, ...]:
         raise ConfigError(f"rules file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"rules file {path} is not readable TOML: {exc}") from None
+    unknown_top = sorted(set(data) - {"rule"})
+    if unknown_top:
+        raise ConfigError(
+            f"rules file {path}: unknown key {unknown_top[0]!r}",
+            hint="list the rules as [[rule]] tables with table, column and strategy",
+        )
     entries = data.get("rule")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(
@@ -77,14 +84,26 @@ def load_rules(path: Path | None = None) -> tuple[Rule, ...]:
         where = f"rules file {path}, rule {i}"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} is not a table")
-        unknown = set(entry) - {"table", "column", "strategy"}
+        unknown = set(entry) - {"schema", "table", "column", "strategy"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         values = {k: entry.get(k) for k in ("table", "column", "strategy")}
+        schema_key = entry.get("schema")
+        if schema_key is not None and (not isinstance(schema_key, str) or not schema_key):
+            raise ConfigError(f"{where}: 'schema' must be a non-empty string, got {schema_key!r}")
+        for key, value in values.items():
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(
+                    f"{where}: {key!r} must be a string, got {type(value).__name__} {value!r}"
+                )
         missing = [k for k, v in values.items() if not isinstance(v, str) or not v.strip()]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
-        schema, _, table = values["table"].rpartition(".")
+        # "schema.table", or a separate schema key (then the table name may hold dots).
+        if schema_key is not None:
+            schema, table = schema_key, values["table"]
+        else:
+            schema, _, table = values["table"].rpartition(".")
         rule = Rule(
             schema=schema or "public",
             table=table,

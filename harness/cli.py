@@ -16,11 +16,18 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from harness import __version__
 from harness.errors import ExitStatus, HarnessError
-from harness.target import Target, TargetSettings, open_target, resolve_url, scrub
+from harness.target import (
+    DEFAULT_PRODUCTION_PATTERN,
+    Target,
+    TargetSettings,
+    open_target,
+    resolve_url,
+    scrub,
+)
 
 if TYPE_CHECKING:
     from harness.migrate import MigrationEvent
@@ -52,6 +59,18 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error of the harness."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("harness").strip()
+        where = f"{command}: " if command else ""
+        self.exit(
+            int(ExitStatus.ERROR),
+            f"harness: error: {where}{message} (see {self.prog} --help)\n",
+        )
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -422,6 +441,17 @@ def cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSt
 # harness provision
 
 
+def _production_pattern_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--production-pattern",
+        default=DEFAULT_PRODUCTION_PATTERN,
+        metavar="REGEX",
+        help="a URL target whose host or database name matches this (case-insensitive)"
+        " is refused unless --allow-production-target; '' turns the check off"
+        " (default: %(default)s)",
+    )
+
+
 def _dirt_pair(text: str) -> tuple[str, float]:
     kind, sep, rate = text.partition("=")
     if not sep:
@@ -483,6 +513,7 @@ def _add_provision(sub: argparse._SubParsersAction, parents: list[argparse.Argum
         action="store_true",
         help="allow a target whose host or database name looks like production",
     )
+    _production_pattern_option(p)
     p.add_argument(
         "--reset-schema",
         action="store_true",
@@ -529,6 +560,7 @@ def cmd_provision(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitS
         rules_path=args.rules,
         yes_destroy_target_data=args.yes_destroy_target_data,
         allow_production=args.allow_production_target,
+        production_pattern=args.production_pattern,
         reset_schema=args.reset_schema,
         manifest_path=args.manifest,
         workers=args.workers,
@@ -716,6 +748,7 @@ def _add_rehearse_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a target whose host or name looks like production (with the flag above)",
     )
+    _production_pattern_option(p)
     p.add_argument("--no-charts", action="store_true", help="leave charts out of the report")
 
 
@@ -747,6 +780,7 @@ def rehearse_settings_from(args: argparse.Namespace, **labels: object) -> Rehear
         gates_file=args.gates,
         yes_destroy_target_data=args.yes_destroy_target_data,
         allow_production=args.allow_production_target,
+        production_pattern=args.production_pattern,
         charts=not args.no_charts,
         labels=dict(labels),
     )
@@ -824,6 +858,12 @@ def _add_nightly(sub: argparse._SubParsersAction, parents: list[argparse.Argumen
         action="store_true",
         help="allow replacing the data of a URL target (the embedded one needs no flag)",
     )
+    p.add_argument(
+        "--allow-production-target",
+        action="store_true",
+        help="allow a target whose host or name looks like production (with the flag above)",
+    )
+    _production_pattern_option(p)
     p.set_defaults(func=cmd_nightly)
 
 
@@ -841,6 +881,8 @@ def cmd_nightly(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSta
             sql_dir=args.sql_dir,
             gates_file=args.gates,
             yes_destroy_target_data=args.yes_destroy_target_data,
+            allow_production=args.allow_production_target,
+            production_pattern=args.production_pattern,
             profile_source=str(args.profile),
         ),
         out=lambda line: print(line, flush=True),
@@ -975,7 +1017,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction, list[argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="harness",
         description="Staging dress rehearsal for the booking database's strict-constraints"
         " rollout: provision, lint, migrate, load, validate, report.",
@@ -986,6 +1028,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _COMMANDS:
         add(sub, parents)
     return parser
+
+
+def _print_traceback(url: str | None) -> None:
+    """The current traceback, with the URL and its password scrubbed like every message."""
+    print(scrub(traceback.format_exc(), url), file=sys.stderr, end="")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -1006,7 +1053,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return int(args.func(args, environ))
     except HarnessError as exc:
         if getattr(args, "traceback", False):
-            traceback.print_exc()
+            _print_traceback(url)
         print(f"harness: error: {scrub(str(exc), url)}", file=sys.stderr)
         return int(exc.exit_status)
     except KeyboardInterrupt:
@@ -1014,7 +1061,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return int(ExitStatus.ERROR_CTRL_C)
     except Exception as exc:  # a bug: still one line unless asked for more
         if getattr(args, "traceback", False):
-            traceback.print_exc()
+            _print_traceback(url)
         message = scrub(f"{type(exc).__name__}: {exc}", url)
         print(
             f"harness: internal error: {message} (rerun with --traceback and report it)",

@@ -444,6 +444,27 @@ def discover(sql_dir: Path) -> list[MigrationFile]:
     return files
 
 
+def check_files(sql_dir: Path, *, rollback_file: str | None = None) -> list[MigrationFile]:
+    """:func:`discover` plus every file split as the runner would, nothing run.
+
+    For stages that run the migrations late (the rehearsal): a bad folder is
+    refused before anything else happens. With ``rollback_file``, that file
+    must exist and split too.
+    """
+    files = discover(sql_dir)
+    for f in files:
+        _parse(f.path, _read(f.path)[0], f.mode)
+    if rollback_file is not None:
+        path = Path(sql_dir) / rollback_file
+        if not path.is_file():
+            raise ConfigError(
+                f"rollback file {path} does not exist",
+                hint="the rollback drill needs it; restore it or skip the drill",
+            )
+        _parse(path, _read(path)[0])
+    return files
+
+
 def _select_until(files: list[MigrationFile], to: str | None) -> list[MigrationFile]:
     if to is None:
         return files

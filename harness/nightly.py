@@ -39,7 +39,7 @@ from harness.errors import ConfigError, ExitStatus
 from harness.outcomes import EXPECTED_REFUSALS, Outcome
 from harness.rehearse import Printer, RehearsalResult, RehearseSettings, rehearse
 from harness.rundir import SUMMARY_FILE, atomic_write_with, read_json, samples_file, write_json
-from harness.target import Target
+from harness.target import DEFAULT_PRODUCTION_PATTERN, Target
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ def load_profile(path: Path) -> NightlyProfile:
     values: dict[str, Any] = {}
     for section, allowed in (("rehearsal", _REHEARSAL_KEYS), ("compare", _COMPARE_KEYS)):
         table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: {section!r} must be a table ([{section}]), got {type(table).__name__}"
+            )
         for key, value in table.items():
             if key not in allowed:
                 raise ConfigError(
@@ -166,6 +170,8 @@ class NightlySettings:
     sql_dir: Path | None = None
     gates_file: Path | None = None
     yes_destroy_target_data: bool = False
+    allow_production: bool = False
+    production_pattern: str = DEFAULT_PRODUCTION_PATTERN
     profile_source: str = "defaults"
 
     @property
@@ -385,6 +391,8 @@ def nightly(target: Target, settings: NightlySettings, *, out: Printer = print) 
         online=p.online,
         gates_file=settings.gates_file,
         yes_destroy_target_data=settings.yes_destroy_target_data,
+        allow_production=settings.allow_production,
+        production_pattern=settings.production_pattern,
         labels={"nightly_profile": settings.profile_source},
         **({"sql_dir": settings.sql_dir} if settings.sql_dir else {}),
     )

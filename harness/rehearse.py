@@ -46,7 +46,7 @@ from harness.rundir import (
     point_latest,
     write_json,
 )
-from harness.target import Target, scrub
+from harness.target import DEFAULT_PRODUCTION_PATTERN, Target, check_destructive_allowed, scrub
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class RehearseSettings:
     lint_accepted_file: Path | None = None
     yes_destroy_target_data: bool = False
     allow_production: bool = False
+    # Regex (case-insensitive) on the target's host and database name; "" turns it off.
+    production_pattern: str = DEFAULT_PRODUCTION_PATTERN
     charts: bool = True
     # Extra facts for run.json (the nightly job records its profile here).
     labels: dict[str, Any] = field(default_factory=dict)
@@ -266,6 +268,7 @@ def _provision(run: _Run, record: StageRecord) -> None:
             seed=s.seed,
             yes_destroy_target_data=s.yes_destroy_target_data,
             allow_production=s.allow_production,
+            production_pattern=s.production_pattern,
             reset_schema=True,
             manifest_path=run.run_dir / MANIFEST_FILE,
         ),
@@ -547,15 +550,61 @@ def _report(run: _Run, record: StageRecord) -> Any:
 # The entry point
 
 
-def rehearse(
-    target: Target, settings: RehearseSettings, *, out: Printer = print
-) -> RehearsalResult:
-    """Run the whole rehearsal; always write run.json and, if at all possible, the report."""
+def preflight(target: Target, settings: RehearseSettings) -> None:
+    """Everything that can be refused before the run starts, refused now.
+
+    A bad reports folder, gates file or sql folder, a target that may not be
+    destroyed, a scale that cannot fit, a migration edited after it was
+    applied: each is one error, raised before the run folder exists and
+    before the database is touched, not minutes into the rehearsal.
+    """
+    from harness.migrate import (
+        DEFAULT_ROLLBACK_FILE,
+        check_files,
+        current_state,
+        plan,
+        read_ledger,
+    )
+    from harness.provision import ProvisionSettings, check_disk_space
+
     check_writable(Path(settings.reports_dir))
     if settings.gates_file is not None:
         from harness.report import load_gates
 
         load_gates(settings.gates_file)  # a bad gates file fails now, not after the load
+    skip = settings.skip
+    rollback_file = None if "rollback" in skip else DEFAULT_ROLLBACK_FILE
+    files = check_files(settings.sql_dir, rollback_file=rollback_file)
+    # Every rehearsal writes into the target (load, migrations), not only provision.
+    check_destructive_allowed(
+        target,
+        confirmed=settings.yes_destroy_target_data,
+        allow_production=settings.allow_production,
+        pattern=settings.production_pattern,
+        action="rehearsing on it",
+    )
+    if "provision" not in skip:
+        check_disk_space(target, ProvisionSettings(scale=settings.scale, seed=settings.seed))
+    elif "migrate" not in skip:
+        # No fresh snapshot: the target's ledger stays, and a file edited
+        # since it was applied there would fail the migrate stage after the
+        # pre load had already written into the database.
+        try:
+            plan(files, current_state(read_ledger(target)), force=False)
+        except MigrationError as exc:
+            raise MigrationError(
+                exc.message,
+                hint="restore the applied version, or let the rehearsal provision a fresh"
+                " snapshot (do not skip provision); nothing was changed",
+                file=exc.file,
+            ) from None
+
+
+def rehearse(
+    target: Target, settings: RehearseSettings, *, out: Printer = print
+) -> RehearsalResult:
+    """Run the whole rehearsal; always write run.json and, if at all possible, the report."""
+    preflight(target, settings)
     run = _Run(target, settings, out)
     run.run_dir.mkdir(parents=True, exist_ok=False)
     point_latest(Path(settings.reports_dir), run.run_dir)

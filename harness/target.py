@@ -57,6 +57,9 @@ class TargetSettings:
     data_dir: Path | None = None
     database: str = EMBEDDED_DATABASE
     require_extension: bool = True
+    # What the migrations need from the server's contrib packages; another
+    # migration set (--sql-dir) may need more (pg_trgm, ...).
+    required_extensions: tuple[str, ...] = (REQUIRED_EXTENSION,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,8 +129,8 @@ def mask_url(url: str) -> str:
     if "://" in url:
         try:
             parts = urlsplit(url)
-        except ValueError:
-            return _mask_conninfo_text(url)
+        except ValueError:  # e.g. an unclosed [IPv6 host]: mask what looks like user:password@
+            return _mask_conninfo_text(_URL_USERINFO_PASSWORD.sub(r"\1" + MASK + "@", url))
         netloc = parts.netloc
         if "@" in netloc:
             userinfo, hostinfo = netloc.rsplit("@", 1)
@@ -144,6 +147,8 @@ def mask_url(url: str) -> str:
     return _mask_conninfo_text(url)
 
 
+# Greedy up to the last "@": over-masking a malformed URL is harmless, a leak is not.
+_URL_USERINFO_PASSWORD = re.compile(r"(://[^:/?#@\s]*:).*@")
 _CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -155,7 +160,7 @@ def password_of(url: str) -> str | None:
     """The password a URL carries, if any (used to scrub error messages)."""
     try:
         return conninfo_to_dict(_strip_pooler_flag(url)[0]).get("password") or None
-    except psycopg.Error:
+    except (psycopg.Error, ValueError):
         return None
 
 
@@ -177,7 +182,10 @@ def _strip_pooler_flag(url: str) -> tuple[str, bool]:
     """Drop ``pgbouncer=true`` (libpq rejects unknown parameters); say if it was set."""
     if "://" not in url or "?" not in url:
         return url, False
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed: libpq's parser says what is wrong with it
+        return url, False
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     flagged = any(k == "pgbouncer" and v.lower() in ("true", "1", "yes") for k, v in pairs)
     kept = [(k, v) for k, v in pairs if k != "pgbouncer"]
@@ -229,6 +237,13 @@ def _first_line(text: str) -> str:
 
 def _connect_hint(exc: psycopg.OperationalError) -> str:
     state = exc.sqlstate or ""
+    # A refused login carries no SQLSTATE (libpq keeps no result for it), but
+    # the connection says whether the server asked for a password.
+    pgconn = getattr(exc, "pgconn", None)
+    if pgconn is not None and getattr(pgconn, "needs_password", False):
+        return "the server asks for a password: put it in the URL (user:password@host)"
+    if pgconn is not None and getattr(pgconn, "used_password", False):
+        return "check the user name and password in the URL"
     if state.startswith("28"):
         return "check the user name and password in the URL"
     if state == "3D000":
@@ -364,7 +379,8 @@ def open_target(settings: TargetSettings, environ: Mapping[str, str] | None = No
         version = str(conn.execute("SHOW server_version").fetchone()[0])
         version_num = int(conn.execute("SHOW server_version_num").fetchone()[0])
         if settings.require_extension:
-            _check_extension(conn, display)
+            for extension in settings.required_extensions:
+                _check_extension(conn, display, extension)
     log.info("target %s (PostgreSQL %s, from %s)", display, version, source)
     return Target(
         url=url,
@@ -379,17 +395,20 @@ def open_target(settings: TargetSettings, environ: Mapping[str, str] | None = No
     )
 
 
-def _check_extension(conn: psycopg.Connection, display: str) -> None:
+def _check_extension(
+    conn: psycopg.Connection, display: str, extension: str = REQUIRED_EXTENSION
+) -> None:
+    """Refuse a server on which ``CREATE EXTENSION extension`` cannot work."""
     row = conn.execute(
         "SELECT installed_version IS NOT NULL, true FROM pg_available_extensions WHERE name = %s",
-        (REQUIRED_EXTENSION,),
+        (extension,),
     ).fetchone()
     if row is None:
+        why = " (the exclusion constraints need it)" if extension == REQUIRED_EXTENSION else ""
         raise TargetError(
-            f"{display} has no {REQUIRED_EXTENSION} extension available"
-            " (the exclusion constraints need it)",
+            f"{display} has no {extension} extension available{why}; nothing was changed",
             hint="install PostgreSQL's contrib package on that server,"
-            " or on Supabase enable btree_gist under Database > Extensions",
+            f" or on Supabase enable {extension} under Database > Extensions",
         )
 
 
@@ -427,6 +446,21 @@ def contents_summary(conn: psycopg.Connection, *, limit: int = 8) -> str:
     return ", ".join(shown) + (", ..." if len(tables) > limit else "")
 
 
+def compile_production_pattern(pattern: str) -> re.Pattern[str] | None:
+    """The production-name regex (case-insensitive); ``""`` turns the name check off."""
+    from harness.errors import ConfigError
+
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise ConfigError(
+            f"production pattern {pattern!r} is not a regular expression: {exc}",
+            hint="fix --production-pattern, e.g. 'prod|live'",
+        ) from None
+
+
 def check_destructive_allowed(
     target: Target,
     *,
@@ -446,6 +480,7 @@ def check_destructive_allowed(
     """
     from harness.errors import SafetyError
 
+    production = compile_production_pattern(pattern)
     if target.is_throwaway:
         return
     params = conninfo_to_dict(target.url)
@@ -459,7 +494,7 @@ def check_destructive_allowed(
         with target.connect(autocommit=True) as own:
             return contents_summary(own)
 
-    if pattern and re.search(pattern, f"{host} {dbname}", re.IGNORECASE) and not allow_production:
+    if production is not None and production.search(f"{host} {dbname}") and not allow_production:
         raise SafetyError(
             f"refusing {action}: {where} looks like production (matches {pattern!r});"
             f" it holds {summary()}",
