@@ -142,8 +142,12 @@ def load_accepted(path: Path, *, required: bool) -> list[AcceptedWarning]:
             raise ConfigError(f"accepted-warnings file {path} does not exist") from None
         log.info("no accepted-warnings file at %s: every warning is new", path)
         return []
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read accepted-warnings file {path}: {exc.strerror or exc}"
+        ) from None
     unknown = set(data) - {"accept"}
     if unknown:
         raise ConfigError(

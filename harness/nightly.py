@@ -105,7 +105,7 @@ def load_profile(path: Path) -> NightlyProfile:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"nightly profile {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"nightly profile {path} is not valid TOML: {exc}") from None
     unknown_sections = sorted(set(data) - {"rehearsal", "compare"})
     if unknown_sections:

@@ -476,3 +476,19 @@ def test_create_database_helper_is_real(pg_server):
         assert database_state(url) != before
     finally:
         drop_database(pg_server, name)
+
+
+def test_toml_that_is_not_text_or_not_a_file(seeded_db, fresh_db, tmp_path, capsys):
+    commands = {tuple(argv) for argv, _, _ in _toml_cases(tmp_path, fresh_db, seeded_db)}
+    assert len(commands) == 5  # report, rehearse, nightly, provision --rules, lint
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"key = '\xff\xfe'\n")
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    before = database_state(seeded_db)
+    for argv in sorted(commands):
+        for path in (binary, folder):
+            status, _, err = run_cli(capsys, *argv, str(path))
+            assert status == 2, (argv[0], path, err)
+            assert_one_error_line(err, str(path))
+    assert database_state(seeded_db) == before

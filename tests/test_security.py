@@ -236,6 +236,18 @@ def test_database_name_with_quotes_and_unicode_in_the_url(pg_server, tmp_path, c
         drop_database(pg_server, name)
 
 
+@pytest.mark.parametrize("flag", ["--lock-timeout", "--statement-timeout"])
+def test_option_values_with_quotes_and_semicolons_stay_values(baseline_db, flag, capsys):
+    hostile = "1s'; DROP TABLE restaurants; -- ü"
+    for command in ("migrate", "rollback"):
+        status, _, err = run_cli(capsys, command, "--db-url", baseline_db, flag, hostile)
+        assert status == 2 and err.startswith("harness: error: bad timeout"), err
+        assert len(err.strip().splitlines()) == 1
+    with psycopg.connect(baseline_db) as conn:
+        assert conn.execute("SELECT to_regclass('public.restaurants') IS NOT NULL").fetchone()[0]
+        assert conn.execute("SELECT to_regnamespace('harness')").fetchone()[0] is None
+
+
 # --------------------------------------------------------------------------
 # Destructive commands
 
