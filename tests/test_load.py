@@ -129,13 +129,15 @@ def test_strict_after_migrations_refuses_and_never_double_books(
 ) -> None:
     url, target = seeded
     migrate(target, MigrateSettings())
-    result = run_load(target, settings(tmp_path, phase="post", mode=Mode.AUTO, contention=HOT_ALL))
+    result = run_load(
+        target, settings(tmp_path, phase="post", mode=Mode.AUTO, contention=HOT_ALL, duration_s=3.0)
+    )
 
     assert result.mode == "strict"  # auto read the catalog
     assert double_bookings(url) == 0
     assert result.invariants is not None
     assert result.invariants["overlapping_allocations"] == 0
-    assert result.outcomes.get("exclusion_violation", 0) >= 1
+    assert result.outcomes.get("exclusion_violation", 0) >= 1, result.outcomes
     df = read_samples(result.samples_path)
     refused = df[df["outcome"] == "exclusion_violation"]
     assert set(refused["sqlstate"]) == {"23P01"}
