@@ -94,12 +94,11 @@ INSERT INTO harness.quarantine (source_table, source_id, reason, row_data)
 SELECT 'allocations', m.id, 'invalid_during', to_jsonb(m) FROM moved AS m;
 
 -- Double bookings: an allocation that overlaps an allocation of the same table
--- with a lower id goes (the first booking made keeps its table). A GiST index
--- makes this one probe per row instead of a scan per table; it is dropped
--- again below, since 002's exclusion constraint brings its own.
-CREATE INDEX IF NOT EXISTS harness_allocations_overlap_probe
-    ON allocations USING gist (table_id, during);
-
+-- with a lower id goes (the first booking made keeps its table). Each row is
+-- compared with the other rows of its table only (allocations_table_idx).
+-- No helper index on purpose: building and dropping one takes SHARE and ACCESS
+-- EXCLUSIVE locks on allocations, and with writers still going (a rehearsal
+-- with --online) the drop deadlocked with them behind this file's row locks.
 WITH moved AS (
     DELETE FROM allocations AS a
      WHERE EXISTS (SELECT 1 FROM allocations AS b
@@ -110,8 +109,6 @@ WITH moved AS (
 )
 INSERT INTO harness.quarantine (source_table, source_id, reason, row_data)
 SELECT 'allocations', m.id, 'overlapping_allocation', to_jsonb(m) FROM moved AS m;
-
-DROP INDEX IF EXISTS harness_allocations_overlap_probe;
 
 -- Holds. Expired ones first: they no longer hold anything, and must not be
 -- counted as overlaps (from 003 on, a trigger deletes them on contact).
@@ -135,9 +132,6 @@ WITH moved AS (
 INSERT INTO harness.quarantine (source_table, source_id, reason, row_data)
 SELECT 'table_hold_windows', m.id, 'invalid_during', to_jsonb(m) FROM moved AS m;
 
-CREATE INDEX IF NOT EXISTS harness_holds_overlap_probe
-    ON table_hold_windows USING gist (table_id, during);
-
 WITH moved AS (
     DELETE FROM table_hold_windows AS h
      WHERE EXISTS (SELECT 1 FROM table_hold_windows AS o
@@ -148,8 +142,6 @@ WITH moved AS (
 )
 INSERT INTO harness.quarantine (source_table, source_id, reason, row_data)
 SELECT 'table_hold_windows', m.id, 'overlapping_hold', to_jsonb(m) FROM moved AS m;
-
-DROP INDEX IF EXISTS harness_holds_overlap_probe;
 
 -- Inventory rows naming a table of another restaurant (002's composite FK).
 WITH moved AS (
