@@ -1087,7 +1087,10 @@ def add_options(parser: Any, **_kwargs: Any) -> None:
         "--db-url",
         env_var="HARNESS_DB_URL",
         default=None,
-        is_secret=True,
+        # Not in the web UI: Locust writes an option's value into the page
+        # source (is_secret only masks the input box), and this one holds the
+        # password. The target is chosen when Locust starts.
+        include_in_web_ui=False,
         help="PostgreSQL URL of the target (else $SUPABASE_DB_URL, else $DATABASE_URL,"
         " else the harness's embedded server)",
     )
@@ -1197,6 +1200,13 @@ def attach(environment: Environment) -> LoadContext:
     elif isinstance(runner, MasterRunner):
         ctx.worker = "master"
         runner.register_message(SAMPLES_MESSAGE, _on_samples_message)
+    if not isinstance(runner, WorkerRunner) and environment.parsed_options is not None:
+        # Start (and provision) an embedded target now, not when the test
+        # starts, so that a --run-time is spent on load, not on set-up.
+        try:
+            _resolve_target(environment.parsed_options, local=True)
+        except HarnessError as exc:
+            log.error("booking load target: %s", exc)
     events = environment.events
     events.test_start.add_listener(_on_test_start)
     events.test_stop.add_listener(_on_test_stop)
@@ -1294,7 +1304,7 @@ def _write_locustfile_files(ctx: LoadContext) -> None:
             "phase": ctx.phase,
             "mode": str(ctx.mode),
             "users": runner.target_user_count,
-            "spawn_rate": runner.spawn_rate if hasattr(runner, "spawn_rate") else None,
+            "spawn_rate": getattr(ctx.environment.parsed_options, "spawn_rate", None),
             "duration_s": round((ended - ctx.started_at).total_seconds(), 3),
             "started_at": ctx.started_at,
             "ended_at": ended,

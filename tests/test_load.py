@@ -261,3 +261,21 @@ def test_harness_load_rejects_bad_weights(seeded: tuple[str, Target], tmp_path: 
         ["load", "--db-url", url, "--weights", "book=1", "--run-dir", str(tmp_path)], environ={}
     )
     assert status == 2
+
+
+def test_locustfile_options_are_in_the_web_ui_with_env_vars_but_not_the_url() -> None:
+    from locust.argument_parser import get_empty_argument_parser, setup_parser_arguments
+
+    from harness.load import add_options
+
+    parser = get_empty_argument_parser(add_help=False, default_config_files=[])
+    setup_parser_arguments(parser)
+    add_options(parser)
+    shown = set(parser.args_included_in_web_ui)
+    knobs = {"hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time"}
+    assert knobs | {"weights", "mode", "phase"} <= shown
+    # Locust writes option values into the page source: the URL holds a password.
+    assert "db_url" not in shown and "harness_target" not in shown
+    env_vars = {a.dest: getattr(a, "env_var", None) for a in parser._actions}
+    for dest in [*knobs, "db_url", "weights", "mode", "phase", "run_dir"]:
+        assert (env_vars[dest] or "").startswith("HARNESS_"), dest
