@@ -20,10 +20,6 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS bookings_customer_idx
 CREATE INDEX CONCURRENTLY IF NOT EXISTS table_hold_windows_expires_idx
     ON table_hold_windows (expires_at);
 
--- Per-restaurant allocation reports (column added by 002).
-CREATE INDEX CONCURRENTLY IF NOT EXISTS allocations_restaurant_idx
-    ON allocations (restaurant_id);
-
 -- updated_at is kept right by the database, not by each code path. A backfill
 -- sets app.backfill = 'on' for its transaction so that it does not make every
 -- row look freshly edited.
