@@ -218,6 +218,13 @@ def _dump_source(
     rules: tuple[Rule, ...],
     dump: Path,
 ) -> None:
+    try:
+        conninfo_to_dict(url)
+    except (psycopg.Error, ValueError):
+        raise ConfigError(
+            f"malformed source URL {display}",
+            hint="use postgresql://user:password@host:port/dbname",
+        ) from None
     with connect_url(
         url, display=display, autocommit=True, connect_timeout=max(1, round(target.connect_timeout))
     ) as conn:

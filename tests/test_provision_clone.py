@@ -185,6 +185,9 @@ def test_unreachable_source_is_a_clear_error(marked_target):
             _settings(source_url="postgresql://nobody:secret@127.0.0.1:1/nowhere"),
         )
     assert _untouched(marked_target)
+    with pytest.raises(ConfigError, match="malformed source URL"):
+        provision(target_for(marked_target), _settings(source_url="postgresql://x@h/db?bogus=1"))
+    assert _untouched(marked_target)
 
 
 def test_rules_naming_a_missing_column_are_refused_before_any_change(
