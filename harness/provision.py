@@ -425,24 +425,37 @@ def _recover_deferred(conn: psycopg.Connection) -> None:
 
 
 def _restore_secondary(loader: _Loader, deferred: _Deferred) -> None:
-    """Re-create indexes and constraints, and ANALYZE, one job per table in parallel."""
-    by_table: dict[str, list[tuple[str, str, str, str]]] = {}
-    for row in deferred.rows:
-        by_table.setdefault(row[0], []).append(row)
+    """Re-create each index and constraint, and ANALYZE each table, as parallel jobs.
 
-    def job(table: str) -> Job:
+    One job per object rather than per table: the two text indexes of a big
+    table would otherwise be one long pole. Jobs on one table do not block
+    each other for long (CREATE INDEX and ANALYZE share their locks) and
+    cannot deadlock (each statement locks its table, then its FK's parent).
+    """
+
+    def recreate(row: tuple[str, str, str, str]) -> Job:
         def run(conn: psycopg.Connection) -> int:
-            for row in by_table.get(f"public.{table}", []) + by_table.get(table, []):
-                _recreate(conn, *row)
+            _recreate(conn, *row)
+            return 0
+
+        return run
+
+    def analyze(table: str) -> Job:
+        def run(conn: psycopg.Connection) -> int:
             # Statistics for the migrations' integrity queries and the load test.
             conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
             return 0
 
         return run
 
-    # Biggest tables first: their index builds are the long poles.
-    order = sorted(APP_TABLES, key=lambda t: -loader.rows.get(t, 0))
-    loader.parallel([job(t) for t in order])
+    def size(table: str) -> int:
+        return loader.rows.get(table.removeprefix("public."), 0)
+
+    jobs = [(size(row[0]), recreate(row)) for row in deferred.rows]
+    jobs += [(size(table), analyze(table)) for table in APP_TABLES]
+    # Biggest first: they are the long poles; small ones fill the gaps.
+    jobs.sort(key=lambda weighted: -weighted[0])
+    loader.parallel([job for _, job in jobs])
 
 
 # --------------------------------------------------------------------------
