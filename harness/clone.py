@@ -6,7 +6,8 @@ Part of the provision stage; :func:`harness.provision.provision` calls
 How the personal data stays unreadable: the whole restore runs as ONE
 transaction in one ``psql --single-transaction`` session, fed in this order:
 
-1. drop the target's ``public`` and ``harness`` schemas (what is replaced);
+1. drop the target's ``public`` and ``harness`` schemas (what is replaced;
+   CASCADE also takes objects of other schemas built on them, such as views);
 2. the dump's schema (``pg_restore --section=pre-data``) and a check that
    every rule names a column of it (a bad rule fails here, before any data);
 3. the dump's data (``--section=data``);
