@@ -15,7 +15,8 @@ The same :class:`BookingUser` runs three ways:
   stops, and again when Locust quits (so late batches and Ctrl-C are kept).
 - ``harness load`` / :func:`run_load`: headless through Locust's library API
   (``Environment`` + ``LocalRunner``), then the invariant check.
-- the benchmark, through :meth:`BookingUser.request`.
+- ``benchmarks/load_vs_pgbench.py``, whose insert user shares the request
+  path (:meth:`DbUser.request`) with the booking users.
 
 App modes, as the app's ``db_strict_constraints`` feature flag switches them:
 ``lax`` checks for overlaps with a SELECT and then inserts (a race: double

@@ -9,9 +9,12 @@ Target: --db-url (or $HARNESS_DB_URL), else $SUPABASE_DB_URL, else
 $DATABASE_URL, else the harness's embedded PostgreSQL (started, baseline
 applied and provisioned small on first use). Workers use the target their
 master resolved (it travels in Locust's spawn message), so only the master
-needs to be told. Run `locust -f loadtests/bookings.py --help` for the knobs
-(hot tables and windows, hot fraction, retry fraction, think time, weights,
-mode, phase label); each also has a HARNESS_* environment variable.
+needs to be told; an embedded target listens on a local socket, so with
+workers on other machines give the master a --db-url they can all reach.
+
+Run `locust -f loadtests/bookings.py --help` for the knobs (hot tables and
+windows, hot fraction, retry fraction, think time, weights, mode, phase
+label); each also has a HARNESS_* environment variable.
 
 Every request is a sample in <run-dir>/samples-<phase>.parquet, written by the
 master (or the single process) when the test stops and again when Locust
