@@ -957,16 +957,17 @@ class BookingUser(DbUser):
             (starts_at, ends_at, booking.id),
         )
         if slot_id != booking.slot_id:
-            # Old slot first, then the new one: the order an app naturally
-            # writes, which is also how two opposite moves can deadlock (40P01).
+            # Both counters in one statement, rows locked in id order: two
+            # opposite moves cannot deadlock on the slots. What deadlocks is left
+            # comes from the constraints (concurrent exclusion checks), which
+            # is what the rehearsal is there to show.
             cur.execute(
-                "UPDATE booking_slots SET covers_booked = greatest(covers_booked - %s, 0)"
-                " WHERE id = %s",
-                (booking.party, booking.slot_id),
-            )
-            cur.execute(
-                "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
-                (booking.party, slot_id),
+                "UPDATE booking_slots SET covers_booked = CASE WHEN id = %(old)s"
+                " THEN greatest(covers_booked - %(party)s, 0)"
+                " ELSE covers_booked + %(party)s END"
+                " WHERE id IN (SELECT id FROM booking_slots WHERE id IN (%(old)s, %(new)s)"
+                " ORDER BY id FOR NO KEY UPDATE)",
+                {"old": booking.slot_id, "new": slot_id, "party": booking.party},
             )
         booking.slot_id, booking.starts_at, booking.minutes = slot_id, starts_at, minutes
 
