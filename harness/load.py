@@ -48,6 +48,8 @@ import logging
 import os
 import random
 import selectors
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -60,6 +62,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import gevent
+import gevent.event
 import psycopg
 from locust import User, task
 from locust.env import Environment
@@ -1470,12 +1473,21 @@ def run_load(
     )
     t0 = time.monotonic()
     interrupted = False
+    # Ctrl-C ends the phase like a stop event would: the signal would
+    # otherwise land in whichever user greenlet is running, with a traceback.
+    ctrl_c = gevent.event.Event()
+    on_sigint = None
+    if threading.current_thread() is threading.main_thread():
+        on_sigint = gevent.signal_handler(signal.SIGINT, ctrl_c.set)
     try:
         runner.start(settings.users, spawn_rate=spawn_rate)
-        _wait(ctx, runner, settings, t0, stop, on_progress)
+        _wait(ctx, runner, settings, t0, _AnyOf(stop, ctrl_c), on_progress)
+        interrupted = ctrl_c.is_set()
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if on_sigint is not None:
+            on_sigint.cancel()
         runner.quit()
         for greenlet in helpers:
             greenlet.kill(block=True)
@@ -1546,6 +1558,16 @@ def end_leftover_sessions(target: Target, application_name: str) -> int:
             log.info("ended %s leftover load sessions", ended)
         return int(ended)
     return 0
+
+
+class _AnyOf:
+    """Set when any of the events given (``None`` ones skipped) is set."""
+
+    def __init__(self, *events: Any) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def _wait(

@@ -158,3 +158,33 @@ def test_database_going_away_mid_run(
     # Users reconnected: requests went through after the last termination.
     assert ((df["outcome"] == "ok") & (df["ts"] > kills[-1])).sum() > 0
     assert result.invariants is not None  # the run completed to the invariant check
+
+
+def test_harness_load_ctrl_c_writes_what_it_has(baseline_db: str, tmp_path: Path) -> None:
+    seed(baseline_db)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "harness", "load", "--db-url", baseline_db, "--users", "4",
+            "--duration", "60s", "--mode", "lax", "--run-dir", str(run_dir),
+        ],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in proc.stdout:  # the first progress line: users are running
+            if "req/s" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    load = json.loads((run_dir / "load-pre.json").read_text())
+    assert load["interrupted"] is True
+    assert len(read_samples(run_dir / "samples-pre.parquet")) == load["requests"] > 0
+    # Interrupted: no invariant check was claimed.
+    assert not (run_dir / "invariants-pre.json").exists()
