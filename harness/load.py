@@ -1302,6 +1302,8 @@ def _write_locustfile_files(ctx: LoadContext) -> None:
     assert runner is not None
     path = write_samples(ctx.run_dir / samples_file(ctx.phase), ctx.store)
     total = runner.stats.total
+    options = ctx.environment.parsed_options
+    csv_prefix = getattr(options, "csv_prefix", None)
     ended = datetime.now(UTC)
     write_json(
         ctx.run_dir / load_file(ctx.phase),
@@ -1321,8 +1323,13 @@ def _write_locustfile_files(ctx: LoadContext) -> None:
             "contention": ctx.contention.as_dict(),
             "target": ctx.target.display if ctx.target else None,
             "samples_file": path.name,
-            "csv_files": [],
-            "html_file": None,
+            # Locust's own --csv / --html files, as the user named them.
+            "csv_files": [
+                f"{csv_prefix}{suffix}"
+                for suffix in ("_stats.csv", "_failures.csv", "_exceptions.csv")
+                if csv_prefix
+            ],
+            "html_file": getattr(options, "html_file", None),
         },
     )
 
