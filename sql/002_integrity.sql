@@ -11,6 +11,20 @@
 -- PostgreSQL has no ADD CONSTRAINT IF NOT EXISTS, so each constraint is added
 -- inside a DO block that first looks it up: a second run changes nothing.
 
+-- Writers that were not paused may have written new blockers since 001 (a
+-- double booking, a retried idempotency key). So first lock them out of the
+-- tables this file constrains, then run 001's rules again: from here to COMMIT
+-- nothing new can arrive. ACCESS EXCLUSIVE at once, because the ALTER TABLEs
+-- below need it anyway: taking a weaker lock first and upgrading later
+-- deadlocked with every app transaction that had read a table and then wanted
+-- to write it. The order is the one the app's transactions mostly take (a hold
+-- before its booking, a booking before its allocation and slot); a deadlock
+-- that remains is retried by the runner (--retries).
+LOCK TABLE table_hold_windows, bookings, allocations, booking_slots, table_inventory
+    IN ACCESS EXCLUSIVE MODE;
+
+SELECT harness.quarantine_blockers();
+
 -- NOT NULLs (001 quarantined the NULL rows).
 ALTER TABLE bookings ALTER COLUMN party_size SET NOT NULL;
 ALTER TABLE table_hold_windows ALTER COLUMN expires_at SET NOT NULL;

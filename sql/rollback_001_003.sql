@@ -43,4 +43,5 @@ ALTER TABLE allocations DROP COLUMN IF EXISTS restaurant_id;
 ALTER TABLE table_hold_windows ALTER COLUMN expires_at DROP NOT NULL;
 ALTER TABLE bookings ALTER COLUMN party_size DROP NOT NULL;
 
+DROP FUNCTION IF EXISTS harness.quarantine_blockers();
 DROP FUNCTION IF EXISTS harness.booking_blockers();
