@@ -1484,6 +1484,7 @@ def run_load(
     # otherwise land in whichever user greenlet is running, with a traceback.
     ctrl_c = gevent.event.Event()
     on_sigint = None
+    previous_sigint = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
         on_sigint = gevent.signal_handler(signal.SIGINT, ctrl_c.set)
     try:
@@ -1495,6 +1496,10 @@ def run_load(
     finally:
         if on_sigint is not None:
             on_sigint.cancel()
+            # libev leaves SIGINT at its OS default when its watcher goes:
+            # put Python's handler back, or the next Ctrl-C (say, during the
+            # migrations after this phase) would kill the process outright.
+            signal.signal(signal.SIGINT, previous_sigint)
         runner.quit()
         for greenlet in helpers:
             greenlet.kill(block=True)

@@ -280,3 +280,20 @@ def test_locustfile_options_are_in_the_web_ui_with_env_vars_but_not_the_url() ->
     env_vars = {a.dest: getattr(a, "env_var", None) for a in parser._actions}
     for dest in [*knobs, "db_url", "weights", "mode", "phase", "run_dir"]:
         assert (env_vars[dest] or "").startswith("HARNESS_"), dest
+
+
+def test_ctrl_c_still_raises_keyboardinterrupt_after_a_phase(
+    seeded: tuple[str, Target], tmp_path: Path
+) -> None:
+    import os
+    import signal
+
+    import gevent
+
+    _, target = seeded
+    run_load(target, settings(tmp_path, users=2, duration_s=0.5, check_invariants=False))
+    # run_load handled SIGINT itself while it ran; afterwards Ctrl-C must
+    # interrupt the caller again (e.g. the migrations that follow the phase).
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        gevent.sleep(0.5)
