@@ -214,6 +214,16 @@ class _Run:
             },
         )
 
+    def mark_interrupted(self) -> None:
+        """Ctrl-C outside a stage's own handler (e.g. as it announced itself)."""
+        if self.status == "interrupted":
+            return
+        running = [r for r in self.stages.values() if r.status == "running"]
+        for record in running:
+            record.status = "interrupted"
+        self.status, self.error = "interrupted", "interrupted (Ctrl-C)"
+        self.failed_stage = running[0].name if running else None
+
     def stage(self, name: str, work: Callable[[StageRecord], Any]) -> Any:
         record = self.stages[name]
         if name in self.settings.skip:
@@ -628,6 +638,7 @@ def rehearse(
         pass
     except KeyboardInterrupt as exc:
         interrupted = exc
+        run.mark_interrupted()
     if run.status != "completed":
         _record_database_state(run)
     run.write_run()
@@ -640,6 +651,7 @@ def rehearse(
             run.status = "failed"
     except KeyboardInterrupt as exc:
         interrupted = interrupted or exc
+        run.mark_interrupted()
     run.write_run()
     if report is not None:
         run.say(f"report: {report.report_html} verdict {report.verdict}")
