@@ -33,7 +33,9 @@ Written into the run folder, each atomically:
                          "mode", "users", "spawn_rate", "duration_s",
                          "started_at", "ended_at", "requests",
                          "throughput_rps", "counted_requests", "interrupted",
-                         "contention": {...} | null}},
+                         "contention": {...} | null,
+                         "longest_no_ok_s", "longest_no_ok_from",
+                         "connection_errors"}},  # null without samples
       "latency": {phase: {operation | "all": {"requests", "throughput_rps",
                   "p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"}}},
       "outcome_rates": {phase: {operation | "all": {outcome:
@@ -1727,8 +1729,31 @@ def _phase_facts(run: _RunInput, latency: Mapping[str, pd.DataFrame]) -> dict[st
             "throughput_rps": float(total["throughput_rps"]) if total is not None else None,
             "contention": load.get("contention"),
             "interrupted": bool(load.get("interrupted")),
+            **_outage(data),
         }
     return out
+
+
+def _outage(data: _PhaseInput) -> dict[str, Any]:
+    """The longest stretch of a phase without an ok request, and its connection errors.
+
+    A server restart or a network cut shows as a hole in time that the
+    percentiles and per-second rates average away; this names it.
+    """
+    frame = data.samples
+    if frame is None or frame.empty:
+        return {"longest_no_ok_s": None, "longest_no_ok_from": None, "connection_errors": None}
+    ts = frame["ts"].to_numpy(dtype=np.float64)
+    ok = np.sort(ts[(frame["outcome"] == str(Outcome.OK)).to_numpy()])
+    start, end = float(ts.min()), float(ts.max())
+    edges = np.concatenate(([start], ok, [end]))
+    gaps = np.diff(edges)
+    i = int(np.argmax(gaps))
+    return {
+        "longest_no_ok_s": round(float(gaps[i]), 3),
+        "longest_no_ok_from": datetime.fromtimestamp(float(edges[i]), UTC).isoformat(),
+        "connection_errors": int((frame["outcome"] == str(Outcome.CONNECTION_ERROR)).sum()),
+    }
 
 
 def _quarantine_rows(run: _RunInput) -> list[dict[str, Any]]:
@@ -2289,6 +2314,24 @@ def _html_phases(
             body += (
                 f'<p class="missing">{_esc(phase)}: not run — {_esc(data["missing_reason"])}</p>'
             )
+    outages = [
+        (phase, data)
+        for phase, data in summary["phases"].items()
+        if data.get("connection_errors") or (data.get("longest_no_ok_s") or 0) >= 1.0
+    ]
+    if outages:
+        rows = [
+            {
+                "phase": phase,
+                "longest stretch without an ok request s": _fmt(data["longest_no_ok_s"], 2),
+                "from (UTC)": str(data["longest_no_ok_from"])[11:23],
+                "connection_error": _fmt(data["connection_errors"]),
+            }
+            for phase, data in outages
+        ]
+        body += "<h3>Gaps: the server unreachable or nothing succeeding</h3>" + _frame_html(
+            pd.DataFrame(rows)
+        )
     cells = []
     for phase, table in outcomes.items():
         for op, outcome, count, share, per_s in table.itertuples(index=False):
