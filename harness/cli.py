@@ -956,7 +956,7 @@ def _add_load(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPa
 
 def cmd_load(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
     from harness.load import Contention, LoadSettings, Mode, parse_weights, run_load
-    from harness.rundir import new_run_id
+    from harness.rundir import check_writable, new_run_id
 
     knobs: dict[str, object] = {
         name: getattr(args, name)
@@ -966,8 +966,10 @@ def cmd_load(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus
     if args.weights:
         knobs["weights"] = parse_weights(args.weights)
     contention = Contention(**knobs)  # type: ignore[arg-type]
-    target = _open(args, environ)
     run_dir = args.run_dir or DEFAULT_REPORTS_DIR / new_run_id()
+    # Before the target is touched: a load whose files cannot be written is lost.
+    check_writable(run_dir, flag="--run-dir")
+    target = _open(args, environ)
     print(f"load {args.phase}: {args.users} users for {args.duration:g}s on {target.display}")
     print(f"run folder: {run_dir}")
     result = run_load(

@@ -133,8 +133,13 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early (before any long work) when ``folder`` cannot take files."""
+def check_writable(folder: Path, *, flag: str = "--reports-dir") -> None:
+    """Fail early (before any long work) when ``folder`` cannot take files.
+
+    Tried for real (a file is created and removed): permissions say nothing
+    to root, and a path under a regular file or on a read-only mount fails
+    only when written to.
+    """
     from harness.errors import ConfigError
 
     try:
@@ -144,5 +149,5 @@ def check_writable(folder: Path) -> None:
     except OSError as exc:
         raise ConfigError(
             f"cannot write to {folder}: {exc.strerror or exc}",
-            hint="choose another folder with --reports-dir or fix its permissions",
+            hint=f"choose another folder with {flag} or fix its permissions",
         ) from None
