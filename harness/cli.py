@@ -30,6 +30,7 @@ from harness.target import (
 )
 
 if TYPE_CHECKING:
+    from harness.load import Contention
     from harness.migrate import MigrationEvent
     from harness.rehearse import RehearseSettings
     from harness.validate import ValidationResult
@@ -679,6 +680,43 @@ def _duration(text: str) -> float:
     return value
 
 
+def _add_contention_options(p: argparse.ArgumentParser) -> None:
+    """The load's contention knobs (harness.load.Contention), for load and rehearse."""
+    group = p.add_argument_group("contention (default: the load stage's own)")
+    group.add_argument("--hot-tables", type=_positive_int, metavar="N", help="tables aimed at")
+    group.add_argument(
+        "--hot-windows", type=_positive_int, metavar="N", help="time windows aimed at"
+    )
+    group.add_argument(
+        "--hot-fraction", type=float, metavar="F", help="share of requests aimed at them (0..1)"
+    )
+    group.add_argument(
+        "--retry-fraction", type=float, metavar="F", help="share of creates that are retries"
+    )
+    group.add_argument(
+        "--think-time", type=float, metavar="SECONDS", help="mean pause between requests"
+    )
+    group.add_argument(
+        "--weights",
+        metavar="OP=N,...",
+        help="task weights, e.g. create_booking=10,place_hold=0 (others keep their defaults)",
+    )
+
+
+def contention_from(args: argparse.Namespace) -> Contention:
+    """Contention from the flags that were given; the rest keep their defaults."""
+    from harness.load import Contention, parse_weights
+
+    knobs: dict[str, object] = {
+        name: getattr(args, name)
+        for name in ("hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time")
+        if getattr(args, name, None) is not None
+    }
+    if getattr(args, "weights", None):
+        knobs["weights"] = parse_weights(args.weights)
+    return Contention(**knobs)  # type: ignore[arg-type]
+
+
 def _add_rehearse_options(p: argparse.ArgumentParser) -> None:
     from harness.rehearse import SKIPPABLE
 
@@ -710,17 +748,7 @@ def _add_rehearse_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pre-duration", type=_duration, metavar="DURATION", help="pre phase only")
     p.add_argument("--post-duration", type=_duration, metavar="DURATION", help="post phase only")
-    p.add_argument("--hot-tables", type=_positive_int, metavar="N", help="tables aimed at")
-    p.add_argument("--hot-windows", type=_positive_int, metavar="N", help="time windows aimed at")
-    p.add_argument(
-        "--hot-fraction", type=float, metavar="F", help="share of requests aimed at them (0..1)"
-    )
-    p.add_argument(
-        "--retry-fraction", type=float, metavar="F", help="share of creates that are retries"
-    )
-    p.add_argument(
-        "--think-time", type=float, metavar="SECONDS", help="mean pause between requests"
-    )
+    _add_contention_options(p)
     p.add_argument(
         "--skip",
         action="append",
@@ -753,14 +781,8 @@ def _add_rehearse_options(p: argparse.ArgumentParser) -> None:
 
 
 def rehearse_settings_from(args: argparse.Namespace, **labels: object) -> RehearseSettings:
-    from harness.load import Contention
     from harness.rehearse import RehearseSettings
 
-    knobs = {
-        name: getattr(args, name)
-        for name in ("hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time")
-        if getattr(args, name, None) is not None
-    }
     skip = frozenset(part.strip() for item in args.skip for part in item.split(",") if part.strip())
     duration = args.duration or 30.0
     return RehearseSettings(
@@ -772,7 +794,7 @@ def rehearse_settings_from(args: argparse.Namespace, **labels: object) -> Rehear
         spawn_rate=args.spawn_rate,
         pre_duration_s=args.pre_duration or duration,
         post_duration_s=args.post_duration or duration,
-        contention=Contention(**knobs),
+        contention=contention_from(args),
         skip=skip,
         online=args.online,
         lock_timeout=args.lock_timeout,
@@ -935,37 +957,15 @@ def _add_load(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPa
         metavar="DIR",
         help="run folder to write into (default: a new reports/<run id>/)",
     )
-    p.add_argument("--hot-tables", type=_positive_int, metavar="N", help="tables aimed at")
-    p.add_argument("--hot-windows", type=_positive_int, metavar="N", help="time windows aimed at")
-    p.add_argument(
-        "--hot-fraction", type=float, metavar="F", help="share of requests aimed at them (0..1)"
-    )
-    p.add_argument(
-        "--retry-fraction", type=float, metavar="F", help="share of creates that are retries"
-    )
-    p.add_argument(
-        "--think-time", type=float, metavar="SECONDS", help="mean pause between requests"
-    )
-    p.add_argument(
-        "--weights",
-        metavar="OP=N,...",
-        help="task weights, e.g. create_booking=10,place_hold=0 (others keep their defaults)",
-    )
+    _add_contention_options(p)
     p.set_defaults(func=cmd_load)
 
 
 def cmd_load(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus:
-    from harness.load import Contention, LoadSettings, Mode, parse_weights, run_load
+    from harness.load import LoadSettings, Mode, run_load
     from harness.rundir import check_writable, new_run_id
 
-    knobs: dict[str, object] = {
-        name: getattr(args, name)
-        for name in ("hot_tables", "hot_windows", "hot_fraction", "retry_fraction", "think_time")
-        if getattr(args, name) is not None
-    }
-    if args.weights:
-        knobs["weights"] = parse_weights(args.weights)
-    contention = Contention(**knobs)  # type: ignore[arg-type]
+    contention = contention_from(args)
     run_dir = args.run_dir or DEFAULT_REPORTS_DIR / new_run_id()
     # Before the target is touched: a load whose files cannot be written is lost.
     check_writable(run_dir, flag="--run-dir")
