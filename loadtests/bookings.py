@@ -12,9 +12,13 @@ master resolved (it travels in Locust's spawn message), so only the master
 needs to be told; an embedded target listens on a local socket, so with
 workers on other machines give the master a --db-url they can all reach.
 
-Run `locust -f loadtests/bookings.py --help` for the knobs (hot tables and
-windows, hot fraction, retry fraction, think time, weights, mode, phase
-label); each also has a HARNESS_* environment variable.
+The knobs: --db-url, --mode lax|strict|auto, --phase LABEL, --hot-tables N,
+--hot-windows N, --hot-fraction F, --retry-fraction F, --think-time SECONDS,
+--weights OP=N,..., --hold-ttl SECONDS, --run-dir DIR; each also has a
+HARNESS_* environment variable, and all but --db-url show in the web UI.
+(`locust --help` does not list a locustfile's own options: Locust prints its
+help before it imports the locustfile, locust issue #2917; `harness load
+--help` describes the same knobs.)
 
 Every request is a sample in <run-dir>/samples-<phase>.parquet, written by the
 master (or the single process) when the test stops and again when Locust
