@@ -104,6 +104,7 @@ def main() -> int:
                 )
 
         duration = args.minutes * 60.0
+        load_before = os.getloadavg()[0]
         print(f"load: {args.users} users, lax mode, {duration:.0f} s", flush=True)
         t0 = time.monotonic()
         result = run_load(
@@ -174,6 +175,12 @@ def main() -> int:
         print(
             f"throughput: first {window:.0f} s {first:,.0f}/s, last {window:.0f} s {last:,.0f}/s,"
             f" change {change:+.1%} (bar within {BAR_THROUGHPUT:.0%}): {verdict}"
+        )
+        # Other work on the machine moves the throughput of either minute: the
+        # load averages let a reader tell (the soak itself keeps ~2-3 busy).
+        print(
+            f"load average (1 min): before {load_before:.2f}, end {os.getloadavg()[0]:.2f}"
+            f" on {os.cpu_count()} cpus"
         )
         print(f"soak: {'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1

@@ -33,6 +33,7 @@ from harness.load import Contention, LoadSettings, Mode, Operation, run_load
 from harness.migrate import current_state, read_ledger
 from harness.report import ReportSettings, build_report
 from harness.rundir import RUN_FILE, RUN_FORMAT_VERSION, read_json, samples_file
+from harness.samples import read_samples
 from harness.target import _import_embedded, start_embedded, stop_embedded
 
 CREATES = Contention(
@@ -151,8 +152,6 @@ def test_server_restart_mid_load_users_reconnect_and_the_report_shows_the_gap(ow
     # Backoff: a handful of failed requests per user (50 ms doubling to 2 s),
     # not thousands of instant connection refusals while the server is down.
     assert errors <= 4 * 15, (result.outcomes, restarted)
-    from harness.samples import read_samples
-
     frame = read_samples(result.samples_path)
     ok = frame[frame["outcome"] == "ok"]["ts"]
     assert (ok < restarted["at"]).sum() > 0, "samples before the restart are kept"
@@ -470,8 +469,6 @@ def test_ctrl_c_at_each_stage_writes_a_partial_report_and_migrate_continues(
     assert all(by_name[s] == "ok" for s in before), by_name
     assert "ledger" in (run["database_state"] or {}) or stage == "provision", run
     if stage.startswith("load_"):  # what the interrupted phase measured is kept
-        from harness.samples import read_samples
-
         assert len(read_samples(run_dir / samples_file(stage.removeprefix("load_")))) > 0
     page = (run_dir / "report.html").read_text()
     assert "interrupted" in page
