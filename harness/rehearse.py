@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -670,7 +670,3 @@ def rehearse(
     if interrupted is not None:
         log.info("rehearsal %s interrupted; partial report written", run.run_id)
     return result
-
-
-def stage_records(result: RehearsalResult) -> list[dict[str, Any]]:
-    return [asdict(r) for r in result.stages]
