@@ -667,17 +667,15 @@ def cmd_lint(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitStatus
 
 def _duration(text: str) -> float:
     """``90``, ``90s``, ``2m``, ``1h`` -> seconds (> 0)."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    raw = text.strip().lower()
-    factor = units.get(raw[-1:])
-    number = raw[:-1] if factor is not None else raw
+    from harness.nightly import parse_duration
+
     try:
-        value = float(number) * (factor or 1.0)
-    except ValueError:
+        return parse_duration(text)
+    except ValueError as exc:
+        # parse_duration's own message for a number <= 0; float()'s is not for users.
+        if str(exc).startswith("must be"):
+            raise argparse.ArgumentTypeError(str(exc)) from None
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30s, 2m, 1h)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text}")
-    return value
 
 
 def _add_contention_options(p: argparse.ArgumentParser) -> None:

@@ -147,18 +147,24 @@ def load_profile(path: Path) -> NightlyProfile:
     return profile
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``2m``, ``1h`` -> seconds; ValueError unless it is > 0."""
+    raw = text.strip().lower()
+    factor = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(raw[-1:])
+    seconds = float(raw[:-1] if factor else raw) * (factor or 1.0)
+    if not seconds > 0:
+        raise ValueError(f"must be longer than 0, got {text}")
+    return seconds
+
+
 def _seconds(value: Any, where: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
     if isinstance(value, str):
-        text = value.strip().lower()
-        factor = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:])
         try:
-            seconds = float(text[:-1] if factor else text) * (factor or 1.0)
+            return parse_duration(value)
         except ValueError:
-            seconds = -1.0
-        if seconds > 0:
-            return seconds
+            pass
     raise ConfigError(f'{where} must be a duration such as 20 or "20s", got {value!r}')
 
 
