@@ -16,6 +16,13 @@ missed):
 - throughput in the last minute against the first (bar: within 10%); with
   ``--minutes`` under 2 the two halves of the phase are compared instead.
 
+And, without a bar, what tells a real drift from a noisy minute: the rate of
+every 30 s window, a Theil-Sen trend line through them, the CPU time the load
+process spends per request in the first and last minute (flat: the load process
+is not what slows down), the rows the users added to the tables they write,
+and the machine's load average (the server and the load share its cores, so
+other work on the machine moves either minute).
+
 Not part of the test suite (it takes minutes); issue 7's "Long runs".
 """
 
@@ -35,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from harness.load import LoadProgress, LoadSettings, Mode, run_load
 from harness.provision import ProvisionSettings, provision
@@ -65,6 +73,33 @@ def client_connections(url: str) -> int:
         ).fetchone()[0]
 
 
+def theil_sen_change(t: np.ndarray, rate: np.ndarray, span: float) -> float | None:
+    """Relative change from the first minute to the last along a Theil-Sen line
+    (median of pairwise slopes), which one slow or fast window cannot tilt."""
+    if len(t) < 3:
+        return None
+    i, j = np.triu_indices(len(t), k=1)
+    slope = float(np.median((rate[j] - rate[i]) / (t[j] - t[i])))
+    intercept = float(np.median(rate - slope * t))
+    first, last = intercept + slope * 30.0, intercept + slope * (span - 30.0)
+    return (last - first) / first if first > 0 else None
+
+
+GROWING_TABLES = ("bookings", "allocations", "table_hold_windows")
+
+
+def table_rows(url: str) -> dict[str, int]:
+    """Live rows of the tables the booking users write: a drift in throughput
+    that follows their growth is the workload's, not a leak of the load process."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {
+            name: conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))
+            ).fetchone()[0]
+            for name in GROWING_TABLES
+        }
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
@@ -91,11 +126,12 @@ def main() -> int:
 
         fds_before = open_fds()
         conns_before = client_connections(target.url)
+        rows_before = table_rows(target.url)
         rss_start = rss_bytes()
-        ticks: list[tuple[float, int, int]] = []  # (elapsed s, samples, rss)
+        ticks: list[tuple[float, int, int, float]] = []  # (elapsed s, samples, rss, cpu s)
 
         def on_progress(p: LoadProgress) -> None:
-            ticks.append((p.elapsed_s, p.requests, rss_bytes()))
+            ticks.append((p.elapsed_s, p.requests, rss_bytes(), time.process_time()))
             if len(ticks) % 6 == 0:
                 print(
                     f"  {p.elapsed_s:6.0f}s  {p.requests:>10,} samples  {p.rps:8,.0f} req/s"
@@ -124,6 +160,7 @@ def main() -> int:
         rss_end = rss_bytes()
         fds_after = open_fds()
         conns_after = client_connections(target.url)
+        rows_after = table_rows(target.url)
 
         ok = True
         print(
@@ -131,12 +168,16 @@ def main() -> int:
             f" ({result.rps:,.0f}/s), samples {result.samples:,}, wall {wall:.0f} s"
         )
         print(f"outcomes: {dict(sorted(result.outcomes.items()))}")
+        print(
+            "rows: "
+            + ", ".join(f"{t} {rows_before[t]:,} -> {rows_after[t]:,}" for t in GROWING_TABLES)
+        )
 
         # Memory: growth over the steady part of the phase, scaled to 10M samples.
         steady = [t for t in ticks if t[0] >= min(WARMUP_S, duration / 4)]
         print(f"rss of the load process: start {mb(rss_start)}, end {mb(rss_end)}")
         if len(steady) >= 2 and steady[-1][1] > steady[0][1]:
-            (_, n0, r0), (_, n1, r1) = steady[0], steady[-1]
+            (_, n0, r0, _), (_, n1, r1, _) = steady[0], steady[-1]
             per_10m = (r1 - r0) / (n1 - n0) * 10_000_000
             passed = per_10m < BAR_GB_PER_10M * 2**30
             ok &= passed
@@ -169,6 +210,17 @@ def main() -> int:
         first = int(((ts >= start) & (ts < start + window)).sum()) / window
         last = int(((ts > end - window) & (ts <= end)).sum()) / window
         change = (last - first) / first if first else float("nan")
+        # The whole curve, so a reader can tell a trend from a noisy minute.
+        edges = np.arange(start, end + 30.0, 30.0)
+        counts, _ = np.histogram(ts, bins=edges)
+        rates = counts[:-1] / 30.0  # the last window is partial
+        print("throughput per 30 s: " + " ".join(f"{r:,.0f}" for r in rates))
+        trend = theil_sen_change(edges[:-2] + 15.0 - start, rates, end - start)
+        if trend is not None:
+            print(
+                f"throughput trend (Theil-Sen line through the 30 s windows, first minute"
+                f" to last): {trend:+.1%} (not a bar: tells a drift from a noisy minute)"
+            )
         passed = abs(change) <= BAR_THROUGHPUT
         ok &= passed
         verdict = "PASS" if passed else "FAIL"
@@ -176,6 +228,20 @@ def main() -> int:
             f"throughput: first {window:.0f} s {first:,.0f}/s, last {window:.0f} s {last:,.0f}/s,"
             f" change {change:+.1%} (bar within {BAR_THROUGHPUT:.0%}): {verdict}"
         )
+        # CPU the load process spends per request, first minute against last:
+        # flat means the load process is not what slows down.
+        cpu_window = min(60.0, duration / 2)
+        head = [t for t in ticks if t[0] <= cpu_window + 1.0]
+        tail = [t for t in ticks if t[0] >= ticks[-1][0] - cpu_window - 1.0] if ticks else []
+        if len(head) >= 2 and len(tail) >= 2:
+            per_request = [
+                (b[3] - a[3]) / (b[1] - a[1]) * 1e6 if b[1] > a[1] else float("nan")
+                for a, b in ((head[0], head[-1]), (tail[0], tail[-1]))
+            ]
+            print(
+                f"load process cpu per request: first {per_request[0]:,.0f} us,"
+                f" last {per_request[1]:,.0f} us (not a bar)"
+            )
         # Other work on the machine moves the throughput of either minute: the
         # load averages let a reader tell (the soak itself keeps ~2-3 busy).
         print(
