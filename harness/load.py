@@ -57,6 +57,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -660,6 +661,10 @@ class DbUser(User):
         self.cur: psycopg.Cursor | None = None
         self._backoff = 0.0
         self._retry_at = 0.0
+        # What the user remembers of a request (its booking, its hold) changes
+        # only once the transaction has committed: a booking whose COMMIT never
+        # happened must not be cancelled (and its slot's counter decremented) later.
+        self._on_commit: list[Callable[[], object]] = []
 
     # -- Locust hooks -------------------------------------------------------
 
@@ -697,6 +702,7 @@ class DbUser(User):
         ts = time.time()
         t0 = time.perf_counter()
         error: BaseException | None = None
+        on_commit = self._on_commit
         try:
             if self.conn is None:
                 self._connect()
@@ -708,9 +714,15 @@ class DbUser(User):
         except BaseException:
             # Killed mid-request (the test stopped) or a bug: no sample, and a
             # connection in an unknown state is not reused.
+            on_commit.clear()
             self._close()
             raise
         latency_ms = (time.perf_counter() - t0) * 1000.0
+        if on_commit:
+            if error is None:
+                for effect in on_commit:
+                    effect()
+            on_commit.clear()
         result = classify(error)
         if error is not None:
             self._after_error(result)
@@ -866,17 +878,14 @@ class BookingUser(DbUser):
             "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
             (party, spot.slot_id),
         )
-        self.bookings.append(
-            _Booking(
-                booking_id,
-                spot.table_id,
-                spot.slot_id,
-                spot.starts_at,
-                minutes,
-                party,
-                spot.restaurant_id,
-            )
-        )
+        self._remember_booking(booking_id, spot, minutes, party)
+
+    def _remember_booking(self, booking_id: int, spot: Spot, minutes: int, party: int) -> None:
+        booking = _Booking(
+            booking_id, spot.table_id, spot.slot_id, spot.starts_at, minutes, party,
+            spot.restaurant_id,
+        )  # fmt: skip
+        self._on_commit.append(partial(self.bookings.append, booking))
 
     def _insert_booking(
         self,
@@ -972,22 +981,23 @@ class BookingUser(DbUser):
                 " ORDER BY id FOR NO KEY UPDATE)",
                 {"old": booking.slot_id, "new": slot_id, "party": booking.party},
             )
-        booking.slot_id, booking.starts_at, booking.minutes = slot_id, starts_at, minutes
+
+        def moved() -> None:
+            booking.slot_id, booking.starts_at, booking.minutes = slot_id, starts_at, minutes
+
+        self._on_commit.append(moved)
 
     def _cancel_booking(self, cur: psycopg.Cursor) -> None:
         # Oldest first, so hot windows are freed again and contention goes on.
-        booking = self.bookings.popleft()
-        try:
-            cur.execute("UPDATE bookings SET status = 'cancelled' WHERE id = %s", (booking.id,))
-            cur.execute("DELETE FROM allocations WHERE booking_id = %s", (booking.id,))
-            cur.execute(
-                "UPDATE booking_slots SET covers_booked = greatest(covers_booked - %s, 0)"
-                " WHERE id = %s",
-                (booking.party, booking.slot_id),
-            )
-        except BaseException:
-            self.bookings.appendleft(booking)
-            raise
+        booking = self.bookings[0]
+        cur.execute("UPDATE bookings SET status = 'cancelled' WHERE id = %s", (booking.id,))
+        cur.execute("DELETE FROM allocations WHERE booking_id = %s", (booking.id,))
+        cur.execute(
+            "UPDATE booking_slots SET covers_booked = greatest(covers_booked - %s, 0)"
+            " WHERE id = %s",
+            (booking.party, booking.slot_id),
+        )
+        self._on_commit.append(self.bookings.popleft)
 
     def _place_hold(self, cur: psycopg.Cursor) -> None:
         spot = self._spot()
@@ -1014,56 +1024,45 @@ class BookingUser(DbUser):
                 self.ctx.contention.hold_ttl_s,
             ),
         ).fetchone()
-        self.holds.append(_Hold(int(row[0]), spot, minutes))
+        self._on_commit.append(partial(self.holds.append, _Hold(int(row[0]), spot, minutes)))
 
     def _confirm_hold(self, cur: psycopg.Cursor) -> None:
-        hold = self.holds.popleft()
-        try:
-            gone = (
-                cur.execute(
-                    "DELETE FROM table_hold_windows WHERE id = %s"
-                    " AND (expires_at IS NULL OR expires_at > now()) RETURNING id",
-                    (hold.id,),
-                ).fetchone()
-                is None
-            )
-            if gone:  # expired or purged: the guest has to start over
-                return
-            spot = hold.spot
-            ends_at = spot.starts_at + timedelta(minutes=hold.minutes)
-            if not self._strict and self._allocated(
-                cur, spot.table_id, spot.starts_at, ends_at, None
-            ):
-                cur.connection.rollback()  # keep the hold: the guest may pick another table
-                self.holds.append(hold)
-                return
-            party = self._party(spot.capacity)
-            booking_id = self._insert_booking(
-                cur, spot, party, str(uuid.uuid4()), spot.starts_at, ends_at
-            )
-            self._insert_allocation(cur, booking_id, spot.table_id, spot.starts_at, ends_at)
+        # To the back first: a hold whose confirmation fails (rolled back, so
+        # the hold is still there) is not the next one tried again.
+        self.holds.rotate(-1)
+        hold = self.holds[-1]
+        gone = (
             cur.execute(
-                "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
-                (party, spot.slot_id),
-            )
-        except BaseException:
-            self.holds.append(hold)  # the transaction rolls back: the hold is still there
-            raise
-        self.bookings.append(
-            _Booking(
-                booking_id,
-                spot.table_id,
-                spot.slot_id,
-                spot.starts_at,
-                hold.minutes,
-                party,
-                spot.restaurant_id,
-            )
+                "DELETE FROM table_hold_windows WHERE id = %s"
+                " AND (expires_at IS NULL OR expires_at > now()) RETURNING id",
+                (hold.id,),
+            ).fetchone()
+            is None
         )
+        if gone:  # expired or purged: the guest has to start over
+            self._on_commit.append(self.holds.pop)
+            return
+        spot = hold.spot
+        ends_at = spot.starts_at + timedelta(minutes=hold.minutes)
+        if not self._strict and self._allocated(cur, spot.table_id, spot.starts_at, ends_at, None):
+            cur.connection.rollback()  # keep the hold: the guest may pick another table
+            return
+        party = self._party(spot.capacity)
+        booking_id = self._insert_booking(
+            cur, spot, party, str(uuid.uuid4()), spot.starts_at, ends_at
+        )
+        self._insert_allocation(cur, booking_id, spot.table_id, spot.starts_at, ends_at)
+        cur.execute(
+            "UPDATE booking_slots SET covers_booked = covers_booked + %s WHERE id = %s",
+            (party, spot.slot_id),
+        )
+        self._on_commit.append(self.holds.pop)
+        self._remember_booking(booking_id, spot, hold.minutes, party)
 
     def _release_hold(self, cur: psycopg.Cursor) -> None:
-        hold = self.holds.popleft()
+        hold = self.holds[0]
         cur.execute("DELETE FROM table_hold_windows WHERE id = %s", (hold.id,))
+        self._on_commit.append(self.holds.popleft)
 
     def _check_availability(self, cur: psycopg.Cursor) -> None:
         spot = self._spot()

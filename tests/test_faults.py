@@ -241,6 +241,19 @@ def test_terminated_backend_is_one_connection_error_and_leaves_no_half_booking(
             "SELECT count(*) FROM allocations a"
             " WHERE NOT EXISTS (SELECT 1 FROM bookings b WHERE b.id = a.booking_id)"
         ).fetchone()[0]
+    assert created > 0
+    assert without_allocation == 0
+    assert orphans == 0
+    covers, party = slot_covers_and_live_party(baseline_db, first_new)
+    assert covers == party
+
+
+def slot_covers_and_live_party(url: str, first_new: int) -> tuple[int, int]:
+    """The slots' covers_booked, summed, and the party sizes of the live bookings
+    made since ``first_new``: equal when every request that moved a counter
+    committed with its booking (the seed starts the counters at 0; a user with
+    many bookings cancels its oldest, which takes its party off again)."""
+    with psycopg.connect(url) as conn:
         covers = conn.execute(
             "SELECT coalesce(sum(covers_booked), 0) FROM booking_slots"
         ).fetchone()[0]
@@ -249,11 +262,57 @@ def test_terminated_backend_is_one_connection_error_and_leaves_no_half_booking(
             " WHERE id >= %s AND status <> 'cancelled'",
             (first_new,),
         ).fetchone()[0]
-    assert created > 0
-    assert without_allocation == 0
-    assert orphans == 0
-    # The slot counters moved by exactly the live bookings (seeded at 0; a user
-    # with many bookings cancels its oldest, which frees its allocation).
+    return int(covers), int(party)
+
+
+def test_a_booking_whose_commit_failed_is_not_cancelled_later(baseline_db, tmp_path):
+    # COMMIT itself fails for every third new booking (a deferred constraint
+    # trigger, as a commit-time failure or a connection lost at COMMIT would):
+    # the user must not remember that booking, or its later cancel would take
+    # its party off a slot counter that never had it.
+    seed(baseline_db)
+    with psycopg.connect(baseline_db) as conn:
+        first_new = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bookings").fetchone()[0]
+        conn.execute(
+            """
+            CREATE FUNCTION fail_every_third_booking() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.id % 3 = 0 THEN
+                    RAISE EXCEPTION 'commit refused' USING ERRCODE = 'serialization_failure';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE CONSTRAINT TRIGGER fail_every_third_booking AFTER INSERT ON bookings
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                EXECUTE FUNCTION fail_every_third_booking();
+            """
+        )
+    result = run_load(
+        target_for(baseline_db),
+        LoadSettings(
+            phase="pre",
+            users=4,
+            duration_s=3.0,
+            mode=Mode.LAX,
+            contention=Contention(
+                retry_fraction=0.0,
+                weights={
+                    Operation.CREATE_BOOKING: 4,
+                    Operation.UPDATE_BOOKING: 1,
+                    Operation.CANCEL_BOOKING: 1,
+                    Operation.PLACE_HOLD: 1,
+                    Operation.CONFIRM_HOLD: 1,
+                },
+            ),
+            run_dir=tmp_path / "run",
+            progress_interval_s=0,
+        ),
+    )
+    assert result.outcomes.get("serialization_failure", 0) > 0, result.outcomes
+    operations = read_samples(result.samples_path).groupby("operation")["outcome"].count()
+    assert operations.get("cancel_booking", 0) > 0, operations
+    covers, party = slot_covers_and_live_party(baseline_db, first_new)
     assert covers == party
 
 
