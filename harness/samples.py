@@ -153,8 +153,18 @@ class SampleStore:
 
     # -- moving samples between processes ---------------------------------
 
+    def _drop_partial_row(self) -> None:
+        """Cut every column to the shortest: a Ctrl-C (or a killed greenlet)
+        between :meth:`add`'s appends leaves its row in some columns only, and
+        one half-recorded request must not cost the file all the others."""
+        columns = [self._ts, self._latency, self._user, *self._coded.values()]
+        complete = min(len(column) for column in columns)
+        for column in columns:
+            del column[complete:]
+
     def to_batch(self) -> dict[str, Any]:
         """The samples as a msgpack-friendly dict (bytes and lists of strings)."""
+        self._drop_partial_row()
         return {
             "format": FORMAT_VERSION,
             "n": len(self),
@@ -205,6 +215,7 @@ class SampleStore:
 
     def to_arrow(self) -> pa.Table:
         """The samples as an Arrow table of :data:`SCHEMA`."""
+        self._drop_partial_row()
         columns: dict[str, pa.Array] = {
             "ts": pa.array(np.frombuffer(self._ts, dtype=np.float64), type=pa.float64()),
             "latency_ms": pa.array(

@@ -124,6 +124,31 @@ def test_take_batch_keeps_dictionaries_so_later_batches_still_decode() -> None:
     assert master.operation_counts() == {"release_hold": 2, "confirm_hold": 1}
 
 
+class _InterruptedHere(str):
+    """A value whose lookup raises KeyboardInterrupt, as a Ctrl-C landing
+    between the appends of one add() would."""
+
+    def __hash__(self) -> int:
+        raise KeyboardInterrupt
+
+
+def test_a_sample_cut_short_by_ctrl_c_costs_only_itself(tmp_path: Path) -> None:
+    store = SampleStore()
+    store.extend(_rows())
+    with pytest.raises(KeyboardInterrupt):
+        store.add(**_row(99, operation=_InterruptedHere("cancel_booking")))  # ts..phase appended
+    path = write_samples(tmp_path / samples_file("pre"), store)
+    df = read_samples(path)
+    assert len(df) == len(_rows()) == len(store)
+    assert list(df["ts"]) == [row["ts"] for row in _rows()]
+    # The store goes on whole: the next sample lines up in every column.
+    store.add(**_row(12, operation="release_hold"))
+    batch = msgpack.loads(msgpack.dumps(store.take_batch()), raw=False)
+    master = SampleStore()
+    assert master.add_batch(batch) == len(_rows()) + 1
+    assert master.to_arrow().to_pandas()["operation"].iloc[-1] == "release_hold"
+
+
 def test_batch_of_another_format_is_refused() -> None:
     batch = SampleStore().to_batch()
     batch["format"] = "0"
