@@ -1211,6 +1211,11 @@ def attach(environment: Environment) -> LoadContext:
             _resolve_target(environment.parsed_options, local=True)
         except HarnessError as exc:
             log.error("booking load target: %s", exc)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C raised in whichever greenlet happens to run could cut a
+        # request's sample in half; through the hub it reaches Locust's main
+        # greenlet between requests, which quits and writes the samples.
+        gevent.signal_handler(signal.SIGINT, gevent.kill, gevent.getcurrent(), KeyboardInterrupt)
     events = environment.events
     events.test_start.add_listener(_on_test_start)
     events.test_stop.add_listener(_on_test_stop)
