@@ -123,6 +123,47 @@ def test_ctrl_c_still_writes_the_samples(baseline_db: str, tmp_path: Path) -> No
     assert len(df) == _locust_count(tmp_path / "stats.json")
 
 
+def test_ctrl_c_in_the_terminal_stops_processes_and_keeps_every_workers_samples(
+    baseline_db: str, tmp_path: Path
+) -> None:
+    # A terminal's Ctrl-C goes to the whole process group: the master and
+    # each worker process get SIGINT at once.
+    seed(baseline_db)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _locust(
+            "--headless", "--processes", "2", "-u", "4", "-r", "4", "-t", "60s",
+            "--only-summary", "--db-url", baseline_db, "--phase", "pre",
+            "--run-dir", str(run_dir),
+        ),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "All users spawned" in line:
+                break
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        seen.append(rest)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    output = "".join(seen)[-3000:]
+    assert stopped_in < 15, output
+    df = read_samples(run_dir / "samples-pre.parquet")
+    assert df["worker"].nunique() == 2, output
+    load = json.loads((run_dir / "load-pre.json").read_text())
+    assert load["samples"] == len(df) > 0
+
+
 def test_database_going_away_mid_run(
     baseline_db: str, baseline_target: Target, tmp_path: Path
 ) -> None:
