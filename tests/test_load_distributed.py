@@ -90,33 +90,52 @@ def test_master_and_two_workers_write_one_sample_per_counted_request(
     assert load["samples"] == counted and load["mode"] == "lax"
 
 
-def test_ctrl_c_still_writes_the_samples(baseline_db: str, tmp_path: Path) -> None:
-    seed(baseline_db)
-    run_dir = tmp_path / "run"
+def _ctrl_c_once_running(args: list[str], *, group: bool) -> tuple[float, str]:
+    """Start Locust, wait until its users run (the log says so), send SIGINT
+    (to the whole process group, as a terminal's Ctrl-C does, when ``group``)
+    and wait for it to end; return the seconds that took and its output."""
     proc = subprocess.Popen(
-        _locust(
-            "--headless", "-u", "4", "-r", "4", "-t", "60s", "--only-summary",
-            "--db-url", baseline_db, "--phase", "pre", "--run-dir", str(run_dir),
-            "--json-file", str(tmp_path / "stats"),
-        ),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        _locust(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=group,
     )  # fmt: skip
     seen: list[str] = []
+    stopped_in = float("inf")
     try:
-        # Wait until users are running (the log says so), then interrupt.
         assert proc.stdout is not None
         for line in proc.stdout:
             seen.append(line)
             if "All users spawned" in line:
                 break
         time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        t0 = time.monotonic()
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
         seen.append(rest)
+        stopped_in = time.monotonic() - t0
     finally:
         if proc.poll() is None:
-            proc.kill()
-    output = "".join(seen)[-3000:]
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.communicate()
+    return stopped_in, "".join(seen)[-3000:]
+
+
+def test_ctrl_c_still_writes_the_samples(baseline_db: str, tmp_path: Path) -> None:
+    seed(baseline_db)
+    run_dir = tmp_path / "run"
+    _, output = _ctrl_c_once_running(
+        [
+            "--headless", "-u", "4", "-r", "4", "-t", "60s", "--only-summary",
+            "--db-url", baseline_db, "--phase", "pre", "--run-dir", str(run_dir),
+            "--json-file", str(tmp_path / "stats"),
+        ],
+        group=False,
+    )  # fmt: skip
     assert (run_dir / "samples-pre.parquet").exists(), output
     df = read_samples(run_dir / "samples-pre.parquet")
     assert len(df) > 0
@@ -130,33 +149,14 @@ def test_ctrl_c_in_the_terminal_stops_processes_and_keeps_every_workers_samples(
     # each worker process get SIGINT at once.
     seed(baseline_db)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        _locust(
+    stopped_in, output = _ctrl_c_once_running(
+        [
             "--headless", "--processes", "2", "-u", "4", "-r", "4", "-t", "60s",
             "--only-summary", "--db-url", baseline_db, "--phase", "pre",
             "--run-dir", str(run_dir),
-        ),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        ],
+        group=True,
     )  # fmt: skip
-    seen: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            if "All users spawned" in line:
-                break
-        time.sleep(1.5)
-        t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
-        seen.append(rest)
-        stopped_in = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    output = "".join(seen)[-3000:]
     assert stopped_in < 15, output
     df = read_samples(run_dir / "samples-pre.parquet")
     assert df["worker"].nunique() == 2, output
