@@ -160,7 +160,8 @@ class SampleStore:
         columns = [self._ts, self._latency, self._user, *self._coded.values()]
         complete = min(len(column) for column in columns)
         for column in columns:
-            del column[complete:]
+            if len(column) > complete:  # (resizing needs no live numpy view of it)
+                del column[complete:]
 
     def to_batch(self) -> dict[str, Any]:
         """The samples as a msgpack-friendly dict (bytes and lists of strings)."""

@@ -149,6 +149,15 @@ def test_a_sample_cut_short_by_ctrl_c_costs_only_itself(tmp_path: Path) -> None:
     assert master.to_arrow().to_pandas()["operation"].iloc[-1] == "release_hold"
 
 
+def test_a_table_still_held_does_not_stop_the_next_one() -> None:
+    # The Arrow table shares the store's buffers: a second write (test_stop,
+    # then quitting) must not need the first table to be gone.
+    store = SampleStore()
+    store.extend(_rows())
+    first = store.to_arrow()
+    assert store.to_arrow().num_rows == first.num_rows == store.to_batch()["n"]
+
+
 def test_batch_of_another_format_is_refused() -> None:
     batch = SampleStore().to_batch()
     batch["format"] = "0"
