@@ -830,6 +830,9 @@ def cmd_rehearse(args: argparse.Namespace, environ: Mapping[str, str]) -> ExitSt
     print(f"run folder: {result.run_dir}")
     if result.report_html:
         print(f"report:     {result.report_html}")
+    else:
+        # Everything the page is made from is in the run folder already.
+        print(f"report:     not built; `harness report {result.run_dir}` builds it")
     if result.failed_stage:
         print(f"stage {result.failed_stage} {result.status}: {result.error}", file=sys.stderr)
     print(f"verdict:    {result.verdict or 'no report'} ({result.status})")

@@ -538,3 +538,42 @@ def test_ctrl_c_at_each_stage_writes_a_partial_report_and_migrate_continues(
     for argv in (["migrate"], ["rollback"], ["migrate"], ["validate"]):
         status, out, err = run_cli(capsys, *argv, "--db-url", fresh_db)
         assert status == 0, (argv, out, err, output)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_report_is_built_leaves_what_builds_it_later(fresh_db, tmp_path):
+    reports = tmp_path / "reports"
+    proc = harness_subprocess(
+        "rehearse", "--db-url", fresh_db, "--yes-destroy-target-data",
+        "--reports-dir", str(reports), "--duration", "2s", "--users", "4",
+    )  # fmt: skip
+    started = re.compile(r"^\[\d\d:\d\d\] report \.\.\.$")
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if started.match(line.strip()):
+                proc.send_signal(signal.SIGINT)  # the page takes seconds: charts
+                break
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output
+    run_dir = (reports / "latest").resolve()
+    run = read_json(run_dir / RUN_FILE)
+    assert (run["status"], run["failed_stage"]) == ("interrupted", "report"), output
+    assert not (run_dir / "report.html").exists()
+    assert f"`harness report {run_dir}` builds it" in output
+    # Everything before the report was kept, so the page can be built now.
+    built = subprocess.run(
+        [sys.executable, "-m", "harness", "report", str(run_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 1, built.stdout + built.stderr  # run_completed: interrupted
+    assert "interrupted" in (run_dir / "report.html").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["integrity"]["invariants"]["post"]["overlapping_allocations"] == 0
