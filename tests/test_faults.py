@@ -490,34 +490,46 @@ def test_unwritable_reports_folder_is_refused_before_the_load(
 INTERRUPTIBLE = ("provision", "lint", "load_pre", "migrate", "validate", "load_post", "rollback")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", INTERRUPTIBLE)
-def test_ctrl_c_at_each_stage_writes_a_partial_report_and_migrate_continues(
-    stage, fresh_db, tmp_path, capsys
-):
-    reports = tmp_path / "reports"
+def rehearse_with_ctrl_c_at(
+    stage: str, url: str, reports: Path, *extra: str, delay_s: float = 0.0
+) -> tuple[int, str]:
+    """Run ``harness rehearse`` and send SIGINT (what Ctrl-C sends) ``delay_s``
+    after it says ``stage`` started; return its exit status and output."""
     proc = harness_subprocess(
-        "rehearse", "--db-url", fresh_db, "--yes-destroy-target-data",
-        "--reports-dir", str(reports), "--duration", "2s", "--users", "4", "--no-charts",
+        "rehearse", "--db-url", url, "--yes-destroy-target-data",
+        "--reports-dir", str(reports), "--duration", "2s", "--users", "4", *extra,
     )  # fmt: skip
     started = re.compile(rf"^\[\d\d:\d\d\] {stage} \.\.\.$")
     seen: list[str] = []
+    rest = ""
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             seen.append(line)
             if started.match(line.strip()):
-                if stage.startswith("load_"):
-                    time.sleep(0.8)  # into the 2 s phase: users are sending requests
-                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                time.sleep(delay_s)
+                proc.send_signal(signal.SIGINT)
                 break
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    output = "".join(seen) + rest
-    assert proc.returncode == 130, output
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", INTERRUPTIBLE)
+def test_ctrl_c_at_each_stage_writes_a_partial_report_and_migrate_continues(
+    stage, fresh_db, tmp_path, capsys
+):
+    reports = tmp_path / "reports"
+    # Into a load's 2 s phase, so that users are sending requests.
+    delay_s = 0.8 if stage.startswith("load_") else 0.0
+    status, output = rehearse_with_ctrl_c_at(
+        stage, fresh_db, reports, "--no-charts", delay_s=delay_s
+    )
+    assert status == 130, output
     run_dir = (reports / "latest").resolve()
     run = read_json(run_dir / RUN_FILE)
     assert run["status"] == "interrupted", output
@@ -543,26 +555,9 @@ def test_ctrl_c_at_each_stage_writes_a_partial_report_and_migrate_continues(
 @pytest.mark.slow
 def test_ctrl_c_while_the_report_is_built_leaves_what_builds_it_later(fresh_db, tmp_path):
     reports = tmp_path / "reports"
-    proc = harness_subprocess(
-        "rehearse", "--db-url", fresh_db, "--yes-destroy-target-data",
-        "--reports-dir", str(reports), "--duration", "2s", "--users", "4",
-    )  # fmt: skip
-    started = re.compile(r"^\[\d\d:\d\d\] report \.\.\.$")
-    seen: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            if started.match(line.strip()):
-                proc.send_signal(signal.SIGINT)  # the page takes seconds: charts
-                break
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    output = "".join(seen) + rest
-    assert proc.returncode == 130, output
+    # With charts the page takes seconds: the signal lands while it is built.
+    status, output = rehearse_with_ctrl_c_at("report", fresh_db, reports)
+    assert status == 130, output
     run_dir = (reports / "latest").resolve()
     run = read_json(run_dir / RUN_FILE)
     assert (run["status"], run["failed_stage"]) == ("interrupted", "report"), output
